@@ -1,0 +1,87 @@
+"""Run set-up shared by train.py and sample.py: Hydra resolvers, ranks, run folders, resume paths."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+_RANK_VARS = ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK")
+
+
+def launch_rank() -> int:
+    """Global rank of this process as its launcher (torchrun, srun, mpirun) set it; 0 when not launched."""
+    for var in _RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def wandb_offline() -> bool:
+    """Offline unless W&B has a way to reach a server: an API key, a netrc entry, or WANDB_MODE=online."""
+    mode = os.environ.get("WANDB_MODE", "").lower()
+    if mode in ("offline", "disabled", "dryrun"):
+        return True
+    if mode == "online" or os.environ.get("WANDB_API_KEY"):
+        return False
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("ldm_wandb_offline"):
+        OmegaConf.register_new_resolver("ldm_wandb_offline", wandb_offline)
+
+
+def prepare_argv(argv: list[str] | None = None) -> list[str]:
+    """Keep non-zero ranks of a torchrun/SLURM job from creating run folders of their own.
+
+    Lightning's own DDP launcher already passes rank 0's `hydra.run.dir`; with torchrun or srun every process
+    composes the config itself, so ranks > 0 either share LDM_RUN_DIR or get a scratch folder (they write
+    nothing: checkpoints, logs and images are rank-0 only, and checkpoint paths are broadcast from rank 0).
+    """
+    argv = sys.argv if argv is None else argv
+    if launch_rank() == 0 or any(a.startswith(("hydra.run.dir", "-m", "--multirun")) for a in argv[1:]):
+        return argv
+    if "LDM_RUN_DIR" not in os.environ:
+        scratch = Path(tempfile.gettempdir()) / f"ldm-rank{launch_rank()}-{os.getpid()}"
+        argv.append(f"hydra.run.dir={scratch}")
+    if not any(a.startswith("hydra.output_subdir") for a in argv[1:]):
+        argv.append("hydra.output_subdir=null")
+    return argv
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, task_dir: str | Path) -> str | None:
+    """`last` → this run folder's last.ckpt if it has one (in-place resume, SLURM requeue), else the newest
+    last.ckpt among this task's runs, else None (fresh start, with a warning). Any other value must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path != "last":
+        if not Path(ckpt_path).is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
+        return str(ckpt_path)
+    own = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return str(own)
+    found = sorted(Path(task_dir).glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if found:
+        return str(found[-1])
+    log.warning("ckpt_path=last: no last.ckpt under %s or %s; starting from scratch", own.parent, task_dir)
+    return None
+
+
+def link_latest(task_dir: str | Path, run_dir: str | Path) -> None:
+    """Point `<task_dir>/latest` at the run folder (atomically), so later stages can find its outputs."""
+    task_dir, run_dir = Path(task_dir), Path(run_dir).resolve()
+    if not run_dir.is_relative_to(task_dir.resolve()):
+        return
+    tmp = task_dir / f".latest.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(run_dir, task_dir.resolve()))
+    os.replace(tmp, task_dir / "latest")
