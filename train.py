@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ldm import checkpoint, runtime
 from ldm.callbacks.run_metadata import RunMetadata
+from ldm.callbacks.safety import CheckpointSafety
 
 log = logging.getLogger("train")
 runtime.register_resolvers()
@@ -58,7 +59,7 @@ def main(cfg: DictConfig) -> None:
 
     ckpt_path = runtime.resolve_ckpt_path(cfg.ckpt_path, out_dir, task_dir)
     resume_meta = checkpoint.read_metadata(ckpt_path, trust=trust) if ckpt_path else {}
-    callbacks = instantiate_all(cfg.get("callbacks")) + [RunMetadata(str(out_dir))]
+    callbacks = instantiate_all(cfg.get("callbacks")) + [RunMetadata(str(out_dir)), CheckpointSafety()]
     loggers = build_loggers(cfg, resume_meta)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint.AtomicCheckpointIO()]

@@ -1,0 +1,66 @@
+"""Keep a run's checkpoints trustworthy: save on SIGTERM/SIGUSR1 before exit, never save NaN weights."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteWeightsError(RuntimeError):
+    pass
+
+
+class CheckpointSafety(pl.Callback):
+    """SIGTERM (and SIGUSR1 outside SLURM) → `last.ckpt` at the next step boundary, then exit.
+
+    Lightning turns SIGTERM into a SIGTERMException on every rank at a step boundary; this saves the
+    state there. Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job. A checkpoint whose
+    weights hold NaN/Inf is refused, so a diverged model never replaces a good checkpoint.
+    """
+
+    def __init__(self, check_finite: bool = True):
+        self.check_finite = check_finite
+        self._previous_usr1 = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
+        under_slurm = isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
+        if hasattr(signal, "SIGUSR1") and not under_slurm:
+            try:
+                self._previous_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+            except ValueError:  # not the main thread
+                self._previous_usr1 = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._previous_usr1 is not None:
+            signal.signal(signal.SIGUSR1, self._previous_usr1)
+            self._previous_usr1 = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
+        dirpath = Path(ckpt_cb.dirpath) if ckpt_cb and ckpt_cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        path = dirpath / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.warning("termination signal: saved %s at step %d", path, trainer.global_step)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        if not self.check_finite:
+            return
+        bad = [k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise NonFiniteWeightsError(
+                f"refusing to save a checkpoint at step {trainer.global_step}: {len(bad)} tensors hold NaN/Inf "
+                f"(e.g. {bad[0]}). Earlier checkpoints are untouched."
+            )
