@@ -1,0 +1,58 @@
+import os
+import time
+
+import pytest
+
+from ldm import runtime
+
+
+def test_resolve_last_prefers_own_run_then_newest(tmp_path):
+    task = tmp_path / "logs" / "task"
+    own = task / "runs" / "b"
+    assert runtime.resolve_ckpt_path(None, own, task) is None
+    assert runtime.resolve_ckpt_path("last", own, task) is None  # nothing yet: fresh start
+    for name in ("a", "c"):
+        (task / "runs" / name / "checkpoints").mkdir(parents=True)
+        (task / "runs" / name / "checkpoints" / "last.ckpt").write_bytes(b"x")
+        time.sleep(0.01)
+    assert runtime.resolve_ckpt_path("last", own, task).endswith("runs/c/checkpoints/last.ckpt")
+    (own / "checkpoints").mkdir(parents=True)
+    (own / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert runtime.resolve_ckpt_path("last", own, task) == str(own / "checkpoints" / "last.ckpt")
+    with pytest.raises(FileNotFoundError):
+        runtime.resolve_ckpt_path(str(tmp_path / "nope.ckpt"), own, task)
+
+
+def test_nonzero_rank_gets_no_run_folder_of_its_own(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("LDM_RUN_DIR", raising=False)
+    argv = runtime.prepare_argv(["train.py", "experiment=x"])
+    assert any(a.startswith("hydra.run.dir=") for a in argv) and "hydra.output_subdir=null" in argv
+    monkeypatch.setenv("LDM_RUN_DIR", "/shared/run")
+    argv = runtime.prepare_argv(["train.py"])
+    assert not any(a.startswith("hydra.run.dir=") for a in argv) and "hydra.output_subdir=null" in argv
+    monkeypatch.setenv("RANK", "0")
+    assert runtime.prepare_argv(["train.py"]) == ["train.py"]
+
+
+def test_wandb_offline_without_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert runtime.wandb_offline()
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert not runtime.wandb_offline()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert runtime.wandb_offline()
+
+
+def test_link_latest(tmp_path):
+    task = tmp_path / "task"
+    run = task / "runs" / "r1"
+    run.mkdir(parents=True)
+    runtime.link_latest(task, run)
+    assert (task / "latest").resolve() == run.resolve()
+    run2 = task / "runs" / "r2"
+    run2.mkdir()
+    runtime.link_latest(task, run2)
+    assert os.readlink(task / "latest") == os.path.join("runs", "r2")
