@@ -39,7 +39,7 @@ fmnist:
 	    "or put the four *-ubyte.gz IDX files there (or pass data.root=<dir>)."; exit 1; fi
 
 demo: $(STAMP) fmnist
-	$(PY) -m ldm.demo
+	$(PY) scripts/demo.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/unet_speed.py
