@@ -1,0 +1,107 @@
+"""One LightningDataModule for every dataset: global batch size split across ranks, seeded resumable order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ldm.data.sampler import ResumableShardSampler
+
+log = logging.getLogger(__name__)
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack images, keep captions as a list, labels as a long tensor (-1 where unknown)."""
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "caption": [it.get("caption", "") for it in items],
+        "label": torch.tensor([int(it.get("label", -1)) for it in items], dtype=torch.long),
+    }
+
+
+class _EpochAwareSampler(ResumableShardSampler):
+    """Also tells the dataset the epoch, so per-item randomness (caption template, crop, flip) is a pure
+    function of (seed, epoch, index) and survives a resume."""
+
+    def __init__(self, dataset: Dataset, *args, **kwargs):
+        super().__init__(len(dataset), *args, **kwargs)
+        self.dataset = dataset
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "epoch"):
+            self.dataset.epoch = epoch
+
+
+class DataModule(pl.LightningDataModule):
+    """`batch_size` is global: each of the N ranks loads batch_size / N per step.
+
+    Datasets may be given built or as zero-argument factories (Hydra `_partial_: true`), built in `setup`.
+    Training order comes from `ResumableShardSampler` (set `use_distributed_sampler=False` on the Trainer:
+    the configs do); after a resume the first epoch continues where the checkpoint stopped.
+    """
+
+    def __init__(self, train: Dataset | Callable[[], Dataset], val: Dataset | Callable | None = None,
+                 test: Dataset | Callable | None = None, batch_size: int = 64, num_workers: int = 0,
+                 pin_memory: bool = False, persistent_workers: bool = False, seed: int = 0,
+                 val_batch_size: int | None = None):
+        super().__init__()
+        self._factories = {"train": train, "val": val, "test": test}
+        self.datasets: dict[str, Dataset] = {}
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
+
+    @property
+    def world(self) -> tuple[int, int]:
+        trainer = self._trainer if hasattr(self, "_trainer") else None
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def per_rank_batch(self, batch_size: int | None = None) -> int:
+        batch_size = batch_size or self.batch_size
+        _, world = self.world
+        if batch_size % world:
+            raise ValueError(f"data.batch_size={batch_size} (global) does not divide across {world} ranks; "
+                             f"use a multiple of {world}")
+        return batch_size // world
+
+    def dataset(self, split: str) -> Dataset | None:
+        if split not in self.datasets and self._factories.get(split) is not None:
+            f = self._factories[split]
+            self.datasets[split] = f() if callable(f) and not isinstance(f, Dataset) else f
+            log.info("%s split: %d items", split, len(self.datasets[split]))
+        return self.datasets.get(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in ("train", "val") if stage in (None, "fit") else ("test",) if stage == "test" else ("val",):
+            self.dataset(split)
+
+    def _loader(self, dataset: Dataset, batch: int, sampler=None, shuffle=False) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, shuffle=shuffle, drop_last=sampler is not None,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=self.persistent_workers, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self.world
+        ds = self.dataset("train")
+        sampler = _EpochAwareSampler(ds, self.per_rank_batch(), rank=rank, world_size=world, seed=self.seed)
+        trainer = getattr(self, "_trainer", None)
+        if trainer is not None:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            if done:
+                sampler.resume_at(trainer.current_epoch, done)
+                log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
+        return self._loader(ds, self.per_rank_batch(), sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        ds = self.dataset("val")
+        return self._loader(ds, self.per_rank_batch(self.val_batch_size)) if ds is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        ds = self.dataset("test")
+        return self._loader(ds, self.per_rank_batch(self.val_batch_size)) if ds is not None else []
