@@ -195,9 +195,10 @@ class LatentDiffusion(pl.LightningModule):
         if not bool(self.latent_size.any()):
             self.latent_size.copy_(torch.tensor(self.get_latent_hw(batch), device=self.latent_size.device))
         if self._trainer is not None:
-            self.log("train/loss", logs.pop("loss"), prog_bar=True)
-            self.log_dict({f"train/{k}": v for k, v in logs.items()})
-            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+            b = len(batch["caption"])
+            self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=b)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b)
+            self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=b)
         return loss
 
     def get_latent_hw(self, batch: dict) -> tuple[int, int]:
@@ -279,7 +280,7 @@ class LatentDiffusion(pl.LightningModule):
         seed = int(self.hparams.val_seed) * 100_003 + batch_idx  # the same t and noise at every validation
         gen = torch.Generator(device=self.device).manual_seed(seed)
         loss, _ = self._loss(self.eval_unet, batch, 0.0, generator=gen)
-        self.log("val/loss", loss, sync_dist=True, prog_bar=True)
+        self.log("val/loss", loss, sync_dist=True, prog_bar=True, batch_size=len(batch["caption"]))
 
     def on_validation_epoch_end(self) -> None:
         hp = self.hparams
@@ -364,6 +365,12 @@ class LatentDiffusion(pl.LightningModule):
     # ---- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["first_stage_config"] = parts.first_stage_config(self.first_stage, self.scale_factor)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = (checkpoint.get("first_stage_config") or {}).get("scale_factor")
+        if saved is not None and abs(float(saved) - self.scale_factor) > 1e-6 * abs(self.scale_factor):
+            log.warning("checkpoint was trained with scale_factor=%.6g but the config gives %.6g: using the "
+                        "config's (set model.scale_factor to match)", saved, self.scale_factor)
 
     def export(self, directory: str | Path, use_ema: bool = True) -> Path:
         """U-Net weights (EMA by default) + first stage + config as safetensors/JSON; see ldm_parts."""

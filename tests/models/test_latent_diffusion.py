@@ -1,9 +1,13 @@
 """LatentDiffusion on CPU with tiny parts: training, condition dropout, EMA, latent cache, sampling, errors"""
 
+from pathlib import Path
+
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from pytorch_lightning.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -230,7 +234,7 @@ def trained(tmp_path_factory, text_encoder, ae_dir):
     from ldm.nn.text_encoder import FrozenTextEncoder  # noqa: F401  (the shared encoder is passed in)
 
     tmp = tmp_path_factory.mktemp("run")
-    model = make_model(text_encoder, ae_dir, val_prompts=["a bag", "a coat"], val_images_per_prompt=2,
+    model = make_model(text_encoder, ae_dir, val_prompts=["a bag", "a coat"], val_images_per_prompt=3,
                        sample_every_n_steps=1, val_steps=3, val_guidance=2.0)
     ImageLogger.calls = []
     data = Items(8)
@@ -249,7 +253,7 @@ def test_validation_grid_and_logger(trained):
     from PIL import Image
 
     img = Image.open(pngs[0])
-    assert "a bag" in img.text["prompts"] and img.size[0] > img.size[1]  # 2 rows (prompts) × 2 columns
+    assert "a bag" in img.text["prompts"] and img.size[0] > img.size[1]  # 2 rows (prompts) × 3 columns
     key, images, step, kw = ImageLogger.calls[-1]
     assert key == "val/samples" and step == 6 and kw["caption"] == ["a bag", "a coat"] and len(images) == 2
     assert "val/loss" in t.callback_metrics
@@ -282,9 +286,41 @@ def test_checkpoint_and_export_roundtrip(tmp_path, trained):
     t.save_checkpoint(tmp_path / "m.ckpt")
     ckpt = torch.load(tmp_path / "m.ckpt", weights_only=True)
     assert not any(k.startswith("text_encoder.") for k in ckpt["state_dict"])
-    loaded = LatentDiffusion.load(tmp_path / "m.ckpt", text_encoder=model.text_encoder)
+    extra = {} if model.hparams.unet else {"unet": tiny_unet()}  # a U-Net without a config: passed in
+    loaded = LatentDiffusion.load(tmp_path / "m.ckpt", text_encoder=model.text_encoder, **extra)
     assert loaded.latent_size.tolist() == [8, 8] and loaded.scale_factor == model.scale_factor
     torch.testing.assert_close(loaded.sample(["a bag"], steps=3, seed=0), ref)
-    exported = LatentDiffusion.load(model.export(tmp_path / "export"), text_encoder=model.text_encoder)
+    exported = LatentDiffusion.load(model.export(tmp_path / "export"), text_encoder=model.text_encoder,
+                                    **extra)
     assert exported.ema is None
     torch.testing.assert_close(exported.sample(["a bag"], steps=3, seed=0), ref)
+
+
+def test_unconditional_model(tmp_path, ae_dir):
+    model = make_model(None, ae_dir, unet=tiny_unet(context_dim=None), ema_decay=None)
+    batch = collate([Items(4)[i] for i in range(4)])
+    loss, _ = model._loss(model.unet, batch, model.hparams.cond_drop_prob)
+    assert torch.isfinite(loss) and model.condition(["x"]) == {}
+    if HAVE_SAMPLERS:
+        x = model.sample(["", ""], steps=2, guidance=5.0, height=8, width=8)
+        assert x.shape == (2, 1, 16, 16)
+
+
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+@pytest.mark.parametrize("name", ["minilm", "clip_vit_l14", "openclip_h14", "t5_base"])
+def test_text_encoder_configs_instantiate_without_weights(name):
+    cfg = OmegaConf.load(CONF / "model" / "text_encoder" / f"{name}.yaml")
+    te = instantiate(cfg, lazy=True)  # minilm loads eagerly by default; the others are lazy already
+    assert isinstance(te, FrozenTextEncoder) and not te.loaded
+    assert cfg.lazy == (name != "minilm")
+
+
+@pytest.mark.parametrize("name", ["linear", "scaled_linear", "cosine"])
+def test_schedule_configs(name):
+    from ldm.diffusion.schedule import NoiseSchedule, make_betas
+
+    sched = instantiate(OmegaConf.load(CONF / "model" / "schedule" / f"{name}.yaml"))
+    assert isinstance(sched, NoiseSchedule) and sched.name == name and sched.num_timesteps == 1000
+    torch.testing.assert_close(sched.betas, make_betas(name, 1000))
