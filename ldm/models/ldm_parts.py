@@ -158,7 +158,7 @@ def log_sample_grid(model, prompts: list[str]) -> Path:
     path = save_grid(images, out / f"samples_step{step:07d}.png", nrow=n, metadata=meta)
     rows = [make_grid(images[i * n:(i + 1) * n], nrow=n) for i in range(len(prompts))]
     for logger in model.loggers:
-        if hasattr(logger, "log_image"):  # W&B: one image per prompt, the prompt as caption
+        if callable(getattr(logger, "log_image", None)):  # W&B: one image per prompt, the prompt as caption
             logger.log_image(key="val/samples", images=[to_pil(r) for r in rows], caption=prompts, step=step)
         elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
             logger.experiment.add_image("val/samples", (make_grid(images, nrow=n) + 1) / 2, step)

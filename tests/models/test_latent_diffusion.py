@@ -228,6 +228,24 @@ class ImageLogger(Logger):
         self.calls.append((key, images, step, kwargs))
 
 
+class TensorBoardLike(ImageLogger):
+    """Has `experiment.add_image` (as TensorBoard's SummaryWriter) and no log_image."""
+
+    log_image = None
+    added: list = []
+
+    class _Writer:
+        def add_image(self, tag, img, step):
+            TensorBoardLike.added.append((tag, tuple(img.shape), float(img.min()), float(img.max()), step))
+
+        def add_text(self, tag, text, step):
+            TensorBoardLike.added.append((tag, text, step))
+
+    @property
+    def experiment(self):
+        return self._Writer()
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, text_encoder, ae_dir):
     """A model after a few steps (EMA ≠ raw), with a validation grid written at the end."""
@@ -236,9 +254,9 @@ def trained(tmp_path_factory, text_encoder, ae_dir):
     tmp = tmp_path_factory.mktemp("run")
     model = make_model(text_encoder, ae_dir, val_prompts=["a bag", "a coat"], val_images_per_prompt=3,
                        sample_every_n_steps=1, val_steps=3, val_guidance=2.0)
-    ImageLogger.calls = []
+    ImageLogger.calls, TensorBoardLike.added = [], []
     data = Items(8)
-    t = trainer(tmp, 6, logger=ImageLogger(), limit_val_batches=1, val_check_interval=6,
+    t = trainer(tmp, 6, logger=[ImageLogger(), TensorBoardLike()], limit_val_batches=1, val_check_interval=6,
                 check_val_every_n_epoch=None)
     loader = DataLoader(data, batch_size=4, collate_fn=collate)
     t.fit(model, loader, loader)
@@ -256,6 +274,9 @@ def test_validation_grid_and_logger(trained):
     assert "a bag" in img.text["prompts"] and img.size[0] > img.size[1]  # 2 rows (prompts) × 3 columns
     key, images, step, kw = ImageLogger.calls[-1]
     assert key == "val/samples" and step == 6 and kw["caption"] == ["a bag", "a coat"] and len(images) == 2
+    tag, shape, lo, hi, step = TensorBoardLike.added[0]
+    assert tag == "val/samples" and shape[0] == 1 and 0 <= lo <= hi <= 1 and step == 6
+    assert TensorBoardLike.added[1][1] == "a bag\n\na coat"
     assert "val/loss" in t.callback_metrics
 
 
