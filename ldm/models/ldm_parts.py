@@ -64,9 +64,12 @@ def _instantiate(spec, default_target: str, what: str):
 
 
 def build_schedule(spec) -> NoiseSchedule:
-    if spec is None:
-        return NoiseSchedule.from_config("scaled_linear")
-    return spec if isinstance(spec, NoiseSchedule) else _instantiate(spec, SCHEDULE_TARGET, "schedule")
+    if isinstance(spec, NoiseSchedule):
+        return spec
+    with torch.device("cpu"):  # tables are CPU float64, also when the model is built on the meta device
+        if spec is None:
+            return NoiseSchedule.from_config("scaled_linear")
+        return _instantiate(spec, SCHEDULE_TARGET, "schedule")
 
 
 def build_unet(spec) -> nn.Module:
