@@ -16,8 +16,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from ldm.diffusion.denoiser import Denoiser
-from ldm.diffusion.objectives import diffusion_training_loss, offset_noise
+from ldm.diffusion.denoiser import VARIANCE_TYPES, Denoiser
+from ldm.diffusion.objectives import LOSS_TYPES, diffusion_training_loss, offset_noise
+from ldm.diffusion.samplers import get_sampler
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.models import ldm_parts as parts
 from ldm.models.ema import EMA
@@ -92,6 +93,10 @@ class LatentDiffusion(pl.LightningModule):
         self.save_hyperparameters(parts.plain_hparams(args))
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if variance_type not in VARIANCE_TYPES or loss_type not in LOSS_TYPES:
+            raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} (got {variance_type!r}) and "
+                             f"loss_type one of {LOSS_TYPES} (got {loss_type!r})")
+        get_sampler(val_sampler)  # an unknown name fails now, not at the first validation
         self.schedule: NoiseSchedule = parts.build_schedule(schedule)
         check_prediction_type(self.schedule, prediction_type)
         self.unet: nn.Module = parts.build_unet(unet)
@@ -333,8 +338,6 @@ class LatentDiffusion(pl.LightningModule):
                callback: Callable[[dict], None] | None = None, return_latents: bool = False) -> Tensor:
         """One image per prompt, (B, C, H, W) in [-1, 1]. height/width are in latent pixels (default: the
         training latent size). Same seed → same images (noise is drawn on the CPU, then moved)."""
-        from ldm.diffusion.samplers import get_sampler
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if self.text_encoder is None and guidance != 1.0:
             guidance = 1.0  # unconditional model: nothing to guide
