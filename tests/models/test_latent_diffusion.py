@@ -29,7 +29,7 @@ def tiny_unet(in_channels=4, out_channels=4, context_dim=384) -> nn.Module:
         return StandInUNet(in_channels, out_channels, context_dim)
     return UNetModel(in_channels=in_channels, out_channels=out_channels, model_channels=16,
                      channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1], num_head_channels=8,
-                     context_dim=context_dim)
+                     context_dim=context_dim, norm_num_groups=8)
 
 
 class StandInUNet(nn.Module):
@@ -331,3 +331,36 @@ def test_schedule_configs(name):
     sched = instantiate(OmegaConf.load(CONF / "model" / "schedule" / f"{name}.yaml"))
     assert isinstance(sched, NoiseSchedule) and sched.name == name and sched.num_timesteps == 1000
     torch.testing.assert_close(sched.betas, make_betas(name, 1000))
+
+
+needs_unet_configs = pytest.mark.skipif(not (CONF / "model" / "unet" / "fmnist.yaml").is_file(),
+                                        reason="conf/model/unet (U-Net helper) not committed yet")
+
+
+def compose_model(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=overrides).model
+
+
+@needs_unet_configs
+def test_ldm_config_builds_and_trains(text_encoder, ae_dir):
+    cfg = compose_model(["model=ldm", f"model.first_stage={ae_dir}", "model.text_encoder.lazy=true"])
+    model = instantiate(cfg, _convert_="all")  # as train.py does
+    assert isinstance(model, LatentDiffusion) and model.hparams.unet["_target_"] == "ldm.nn.unet.UNetModel"
+    assert model.scale_factor == 0.5 and model.schedule.name == "scaled_linear"
+    model.text_encoder = text_encoder  # the shared, already loaded MiniLM
+    loss, _ = model._loss(model.unet, collate([Items(2)[i] for i in range(2)]), 0.1)
+    assert torch.isfinite(loss)
+
+
+@needs_unet_configs
+@pytest.mark.parametrize("name,params,prediction", [("sd_v1", 859.5e6, "eps"), ("sd_v2", 865.9e6, "v")])
+def test_sd_configs_instantiate_without_weights(name, params, prediction):
+    cfg = compose_model([f"model={name}"])
+    with torch.device("meta"):  # the architecture only: no memory, no download (the text encoder is lazy)
+        model = instantiate(cfg, _convert_="all")
+    assert sum(p.numel() for p in model.unet.parameters()) == pytest.approx(params, rel=1e-3)
+    assert not model.text_encoder.loaded and model.scale_factor == 0.18215
+    assert model.hparams.prediction_type == prediction and model.latent_channels == 4
