@@ -91,11 +91,12 @@ class AutoencoderKL(pl.LightningModule):
         self.logvar = nn.Parameter(torch.tensor(float(logvar_init)), requires_grad=learn_logvar)
         self.discriminator = PatchDiscriminator(self.net.config["ddconfig"].get("out_ch", 3), disc_channels,
                                                 disc_layers, norm=disc_norm)
-        self.perceptual = None
+        perceptual = None
         if perceptual_weight > 0:
             from ldm.nn.lpips import load_lpips
 
-            self.perceptual = load_lpips(lpips_path)
+            perceptual = load_lpips(lpips_path)
+        self.__dict__["perceptual"] = perceptual  # frozen metric: kept out of the state dict and of DDP
         self.register_buffer("scale_factor", torch.tensor(1.0))
         self.guard = NonFiniteGuard()
         self.__dict__["_fid_features"] = fid_feature_extractor  # outside the module tree: not in checkpoints
@@ -130,7 +131,8 @@ class AutoencoderKL(pl.LightningModule):
         """(NLL under the learned log-variance, summed per image, averaged over the batch; raw rec loss)."""
         err = (x - rec).abs() if self.hparams.rec_loss == "l1" else (x - rec).pow(2)
         if self.perceptual is not None:
-            err = err + self.hparams.perceptual_weight * self.perceptual(x, rec)
+            lpips = self.perceptual.to(device=x.device)
+            err = err + self.hparams.perceptual_weight * lpips(x, rec.to(x.dtype))
         nll = err / torch.exp(self.logvar) + self.logvar
         return nll.sum() / x.shape[0], err.mean()
 

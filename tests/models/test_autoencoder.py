@@ -108,6 +108,17 @@ def test_perceptual_loss_needs_lpips_weights(tmp_path):
         tiny_model(perceptual_weight=1.0, lpips_path=str(tmp_path / "no_lpips.pth"))
     with pytest.raises(ValueError, match="rec_loss"):
         tiny_model(rec_loss="l3")
+    from ldm.nn.lpips import LPIPS
+
+    sd = {k: v.abs() if k.startswith("lin") else v for k, v in LPIPS().state_dict().items()}
+    torch.save(sd, tmp_path / "lpips.pth")  # random weights in the real layout (linear heads ≥ 0, as LPIPS's)
+    model = tiny_model(perceptual_weight=1.0, lpips_path=str(tmp_path / "lpips.pth"))
+    assert not any("perceptual" in k or "lin0" in k for k in model.state_dict())  # frozen, not checkpointed
+    x = TinyImages(2).images
+    rec = x + 0.1 * torch.randn_like(x)
+    with_p, _ = model.reconstruction_nll(x, rec)
+    without_p, _ = tiny_model().reconstruction_nll(x, rec)
+    assert with_p > without_p
 
 
 def test_validation_metrics_and_image_grids(tmp_path):
