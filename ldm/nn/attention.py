@@ -1,0 +1,131 @@
+"""Attention on torch SDPA: CrossAttention, GEGLU feed-forward, BasicTransformerBlock, SpatialTransformer.
+
+Names follow the CompVis / Stable Diffusion layout (attn1/attn2 with to_q/to_k/to_v/to_out.0, norm1-3,
+ff.net.0.proj, ff.net.2, proj_in/proj_out) so SD weights load by key.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ldm.nn.layers import group_norm, zero_module
+
+
+def expand_mask(context_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
+    """(B, L) bool key-padding mask (True = keep) -> (B, 1, 1, L) for SDPA; None stays None."""
+    if context_mask is None:
+        return None
+    if context_mask.shape != (batch, length):
+        raise ValueError(f"context_mask must have shape ({batch}, {length}), got {tuple(context_mask.shape)}")
+    if context_mask.dtype != torch.bool:
+        raise ValueError(f"context_mask must be bool (True = keep), got {context_mask.dtype}")
+    # A row with every token masked would give NaN; such a row attends to all tokens instead.
+    context_mask = context_mask | ~context_mask.any(-1, keepdim=True)
+    return context_mask[:, None, None, :]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x (B, N, query_dim) to context (B, L, context_dim), or to itself."""
+
+    def __init__(self, query_dim: int, context_dim: int | None = None, heads: int = 8, dim_head: int = 64,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads, self.dim_head = heads, dim_head
+        self.is_cross = context_dim is not None
+        self.to_q = nn.Linear(query_dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or query_dim, inner, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        b, n, _ = x.shape
+        h, d = self.heads, self.dim_head
+        if context is None:  # self-attention: one projection GEMM, q/k/v are strided views of its output
+            w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
+            q, k, v = F.linear(x, w).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            mask = None
+        else:
+            q = self.to_q(x).view(b, n, h, d).transpose(1, 2)
+            w = torch.cat([self.to_k.weight, self.to_v.weight])
+            k, v = F.linear(context, w).view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, d)
+        out = self.to_out[0](out.transpose(1, 2).reshape(b, n, h * d))
+        return self.to_out[1](out) if self.to_out[1].p else out
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: proj to 2×inner, value ⊙ GELU(gate)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(dropout), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        net = self.net
+        h = net[0](x)
+        return net[2](net[1](h) if net[1].p else h)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm block: self-attention, cross-attention to the context, GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, context_dim: int | None = None):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head, dropout)
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        # without a context (context_dim=None) attn2 is a second self-attention, as in LDM
+        x = x + self.attn2(self.norm2(x), context, mask)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """GroupNorm -> proj_in -> transformer blocks over the H×W tokens -> zero-init proj_out, residual.
+
+    proj_in/proj_out are 1×1 convs (SD v1) or Linear layers (SD v2, `use_linear`); both run as a GEMM on
+    the token matrix, which is a free view of a channels-last feature map.
+    """
+
+    def __init__(self, channels: int, heads: int, dim_head: int, depth: int = 1, dropout: float = 0.0,
+                 context_dim: int | None = None, use_linear: bool = False, use_checkpoint: bool = False,
+                 norm_groups: int = 32):
+        super().__init__()
+        inner = heads * dim_head
+        self.use_linear, self.use_checkpoint = use_linear, use_checkpoint
+        self.norm = group_norm(channels, norm_groups, eps=1e-6)
+        self.proj_in = nn.Linear(channels, inner) if use_linear else nn.Conv2d(channels, inner, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, heads, dim_head, dropout, context_dim) for _ in range(depth))
+        self.proj_out = zero_module(nn.Linear(inner, channels) if use_linear else nn.Conv2d(inner, channels, 1))
+
+    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        if self.use_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, mask, use_reentrant=False)
+        return self._forward(x, context, mask)
+
+    def _forward(self, x: Tensor, context: Tensor | None, mask: Tensor | None) -> Tensor:
+        b, c, h, w = x.shape
+        tokens = self.norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, HW, C), a view if channels-last
+        tokens = F.linear(tokens, self.proj_in.weight.flatten(1), self.proj_in.bias)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context, mask)
+        tokens = F.linear(tokens, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + tokens.view(b, h, w, c).permute(0, 3, 1, 2)
