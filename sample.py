@@ -35,9 +35,9 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from ldm.pipeline import LatentDiffusionPipeline  # heavy imports after argument parsing
+    prompts = read_prompts(cfg)  # bad prompts fail before the heavy imports
+    from ldm.pipeline import LatentDiffusionPipeline
 
-    prompts = read_prompts(cfg)
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, device=cfg.device, trust=cfg.trust_checkpoint,
                                                    use_ema=cfg.use_ema)
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)

@@ -1,0 +1,144 @@
+"""LatentDiffusionPipeline and sample.py on a tiny exported model: files, metadata, determinism, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
+from ldm.pipeline import LatentDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
+                attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
+UNET = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1], num_res_blocks=1,
+            attention_resolutions=[1], num_head_channels=8, context_dim=384, norm_num_groups=8)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def export_dir(tmp_path_factory) -> Path:
+    """A tiny text-conditioned model (random weights, EMA ≠ raw), exported as a user's run would be."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("pipe")
+    save_pretrained(AutoencoderKLNet(DDCONFIG, 4), root / "ae", scale_factor=0.5)
+    model = LatentDiffusion(unet=UNET, first_stage=str(root / "ae"), text_encoder={"max_length": 16},
+                            schedule={"name": "linear", "num_timesteps": 100}, ema_decay=0.9)
+    with torch.no_grad():  # give the U-Net a non-zero output layer, and make raw weights differ from EMA
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.latent_size.fill_(8)  # 16 px images through an f=2 autoencoder
+    model.export(root / "raw", use_ema=False)
+    model.export(root / "export", use_ema=True)
+    return root
+
+
+def test_text_to_image_shapes_seeds_and_determinism(export_dir):
+    pipe = LatentDiffusionPipeline.from_checkpoint(export_dir / "raw", device="cpu")
+    assert pipe.image_size == (16, 16)
+    kw = dict(n=3, sampler="ddim", steps=4, guidance=3.0, seed=7, progress=False)
+    a = pipe.text_to_image(["a photo of a bag", "a coat"], batch_size=6, **kw)
+    assert a["images"].shape == (6, 1, 16, 16) and a["images"].abs().max() <= 1
+    assert a["prompts"] == ["a photo of a bag"] * 3 + ["a coat"] * 3 and a["seeds"] == [7, 8, 9, 10, 11, 12]
+    b = pipe.text_to_image(["a photo of a bag", "a coat"], batch_size=4, **kw)  # other batching
+    torch.testing.assert_close(a["images"], b["images"], atol=1e-5, rtol=0)
+    c = pipe.text_to_image(["a photo of a bag", "a coat"], batch_size=6, **{**kw, "seed": 8})
+    assert not torch.allclose(a["images"], c["images"])
+    torch.testing.assert_close(a["images"][1:3], c["images"][0:2], atol=1e-5, rtol=0)  # image k ← seed + k
+    big = pipe.text_to_image("a coat", n=1, height=32, width=24, steps=2, progress=False)
+    assert big["images"].shape == (1, 1, 32, 24)
+
+
+def test_every_sampler_runs(export_dir):
+    pipe = LatentDiffusionPipeline.from_checkpoint(export_dir / "export", device="cpu")
+    for sampler in ["ddim", "ddpm", "dpmpp_2m", "euler", "euler_a", "heun"]:
+        out = pipe.text_to_image("a sneaker", n=2, sampler=sampler, steps=3, progress=False)
+        assert out["images"].shape == (2, 1, 16, 16) and torch.isfinite(out["images"]).all(), sampler
+
+
+def test_ema_and_raw_weights_give_different_images(export_dir):
+    ema = LatentDiffusionPipeline.from_checkpoint(export_dir / "export", device="cpu")
+    raw = LatentDiffusionPipeline.from_checkpoint(export_dir / "raw", device="cpu")
+    kw = dict(n=2, steps=3, seed=0, progress=False)
+    assert not torch.allclose(ema.text_to_image("a bag", **kw)["images"], raw.text_to_image("a bag", **kw)["images"])
+
+
+def test_save_writes_pngs_with_metadata_grid_and_json(export_dir, tmp_path):
+    pipe = LatentDiffusionPipeline.from_checkpoint(export_dir / "export", device="cpu")
+    result = pipe.text_to_image(["a bag", "a dress"], n=2, sampler="euler", steps=2, guidance=2.5, seed=3,
+                                progress=False)
+    files = pipe.save(result, tmp_path / "out")
+    assert len(files["images"]) == 4 and all(p.is_file() for p in files["images"])
+    text = Image.open(files["images"][2]).text
+    assert text["prompt"] == "a dress" and json.loads(text["seed"]) == 5 and text["sampler"] == "euler"
+    assert json.loads(text["steps"]) == 2 and json.loads(text["guidance"]) == 2.5
+    assert text["checkpoint"].endswith("export")
+    grid = Image.open(files["grid"])
+    assert grid.size == (2 * 16 + 3 * 2, 2 * 16 + 3 * 2)  # one row per prompt, 2-px padding
+    meta = json.loads(files["metadata"].read_text())
+    assert [e["seed"] for e in meta["images"]] == [3, 4, 5, 6] and meta["settings"]["steps"] == 2
+
+
+def test_clear_errors(export_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LatentDiffusionPipeline.from_checkpoint(tmp_path / "nope.ckpt")
+    pipe = LatentDiffusionPipeline.from_checkpoint(export_dir / "export", device="cpu")
+    with pytest.raises(ValueError, match="multiples"):
+        pipe.text_to_image("a bag", height=15, progress=False)
+    with pytest.raises(ValueError, match="no prompts"):
+        pipe.text_to_image([], progress=False)
+    with pytest.raises(ValueError, match="n must be"):
+        pipe.text_to_image("a bag", n=0, progress=False)
+    with pytest.raises(ValueError, match="precision"):
+        pipe.text_to_image("a bag", precision="fp8", progress=False)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        pipe.text_to_image("a bag", sampler="nope", progress=False)
+
+
+def test_long_and_empty_prompts_are_handled(export_dir, caplog):
+    pipe = LatentDiffusionPipeline.from_checkpoint(export_dir / "export", device="cpu")
+    with pytest.warns(UserWarning, match="truncated"):  # max_length 16
+        out = pipe.text_to_image(["", "a bag " * 200], steps=2, progress=False)
+    assert out["images"].shape[0] == 2 and torch.isfinite(out["images"]).all()
+    assert "empty prompt" in caplog.text
+
+
+def run_sample(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sample.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+                                                       "OMP_NUM_THREADS": "1"})
+
+
+def test_sample_py_end_to_end(export_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a bag\n\n  a dress  \n")
+    proc = run_sample([f"ckpt={export_dir / 'export'}", f"prompts_file={prompts}", "n=2", "sampler=dpmpp_2m",
+                       "steps=3", "guidance=4", "seed=0", f"out={tmp_path / 'out'}", "device=cpu"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert [e["prompt"] for e in meta["images"]] == ["a photo of a bag"] * 2 + ["a dress"] * 2
+    assert (tmp_path / "out" / "grid.png").is_file() and len(list((tmp_path / "out").glob("0000*.png"))) == 4
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    for args, message in [([f"prompts_file={empty}"], "holds no prompts"),
+                          ([f"prompts_file={tmp_path / 'missing.txt'}"], "does not exist"),
+                          (["prompt=a bag", "ckpt=/nonexistent/last.ckpt"], "does not exist"),
+                          (["prompt=a bag", "sampler=nope"], "sampler")]:
+        args = [f"ckpt={export_dir / 'export'}", f"out={tmp_path / 'bad'}", *args]
+        proc = run_sample(args)
+        assert proc.returncode != 0 and message in proc.stderr + proc.stdout, (args, proc.stderr[-2000:])
