@@ -16,6 +16,7 @@ from ldm.models.latent_cache import LatentCache
 from ldm.models.latent_diffusion import LatentDiffusion, drop_condition
 from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 from ldm.nn.text_encoder import FrozenTextEncoder
+from ldm.nn.unet import UNetModel
 
 DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
                 attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
@@ -23,34 +24,9 @@ CAPTIONS = ["a photo of a bag", "a sneaker", "a coat", "a photo of a dress"]
 
 
 def tiny_unet(in_channels=4, out_channels=4, context_dim=384) -> nn.Module:
-    try:
-        from ldm.nn.unet import UNetModel
-    except ImportError:
-        return StandInUNet(in_channels, out_channels, context_dim)
     return UNetModel(in_channels=in_channels, out_channels=out_channels, model_channels=16,
                      channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[1], num_head_channels=8,
                      context_dim=context_dim, norm_num_groups=8)
-
-
-class StandInUNet(nn.Module):
-    """Used only until ldm.nn.unet lands: conv net with time and masked-mean context inputs."""
-
-    def __init__(self, in_channels=4, out_channels=4, context_dim=384, hidden=32):
-        super().__init__()
-        self.in_channels, self.out_channels, self.context_dim = in_channels, out_channels, context_dim
-        self.inp = nn.Conv2d(in_channels, hidden, 3, padding=1)
-        self.t_emb = nn.Linear(1, hidden)
-        self.ctx = nn.Linear(context_dim, hidden) if context_dim else None
-        self.mid = nn.Conv2d(hidden, hidden, 3, padding=1)
-        self.out = nn.Conv2d(hidden, out_channels, 3, padding=1)
-
-    def forward(self, x, t, context=None, context_mask=None):
-        t = torch.as_tensor(t, device=x.device).float().reshape(-1, 1).expand(x.shape[0], 1)
-        h = self.inp(x) + self.t_emb(t / 1000)[:, :, None, None]
-        if context is not None:
-            m = context_mask.float().unsqueeze(-1)
-            h = h + self.ctx((context * m).sum(1) / m.sum(1).clamp(min=1))[:, :, None, None]
-        return self.out(F.silu(self.mid(F.silu(h))))
 
 
 class Items(Dataset):
