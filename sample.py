@@ -1,6 +1,7 @@
 """Sample images from a LatentDiffusion checkpoint: compose config → load pipeline → write images.
 
-    python sample.py ckpt=<path> prompt="a photo of a sneaker" n=16 sampler=dpmpp_2m steps=20 guidance=4 seed=0 out=<dir>
+    python sample.py ckpt=<path> prompt="a photo of a sneaker" n=16 sampler=dpmpp_2m steps=20 guidance=4 \
+        seed=0 out=<dir>
     python sample.py ckpt=<path> prompts_file=prompts.txt negative_prompt="blurry" sampler=ddim sampler.eta=0.5
 """
 

@@ -144,7 +144,8 @@ class LatentDiffusionPipeline:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         settings, paths, entries = result["settings"], [], []
-        for k, (image, prompt, seed) in enumerate(zip(result["images"], result["prompts"], result["seeds"])):
+        rows = zip(result["images"], result["prompts"], result["seeds"], strict=True)
+        for k, (image, prompt, seed) in enumerate(rows):
             meta = {"prompt": prompt, "seed": seed, **settings}
             path = save_png(image, out / f"{k:05d}_{_slug(prompt)}.png", meta)
             paths.append(path)
