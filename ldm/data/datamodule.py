@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
 from ldm.data.sampler import ResumableShardSampler
 
@@ -59,7 +59,8 @@ class DataModule(pl.LightningDataModule):
 
     @property
     def world(self) -> tuple[int, int]:
-        trainer = self._trainer if hasattr(self, "_trainer") else None
+        """(rank, world size) of the attached Trainer; (0, 1) without one."""
+        trainer = getattr(self, "trainer", None)
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
     def per_rank_batch(self, batch_size: int | None = None) -> int:
@@ -81,8 +82,8 @@ class DataModule(pl.LightningDataModule):
         for split in ("train", "val") if stage in (None, "fit") else ("test",) if stage == "test" else ("val",):
             self.dataset(split)
 
-    def _loader(self, dataset: Dataset, batch: int, sampler=None, shuffle=False) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch, sampler=sampler, shuffle=shuffle, drop_last=sampler is not None,
+    def _loader(self, dataset: Dataset, batch: int, sampler, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch, sampler=sampler, drop_last=drop_last,
                           num_workers=self.num_workers, pin_memory=self.pin_memory,
                           persistent_workers=self.persistent_workers, collate_fn=collate)
 
@@ -90,18 +91,30 @@ class DataModule(pl.LightningDataModule):
         rank, world = self.world
         ds = self.dataset("train")
         sampler = _EpochAwareSampler(ds, self.per_rank_batch(), rank=rank, world_size=world, seed=self.seed)
-        trainer = getattr(self, "_trainer", None)
+        trainer = getattr(self, "trainer", None)
         if trainer is not None:
+            # Lightning creates the loader's iterator (and worker processes prefetch indices) before it calls
+            # set_epoch, so a resumed run must start from the restored epoch here.
+            sampler.set_epoch(trainer.current_epoch)
             done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
             if done:
                 sampler.resume_at(trainer.current_epoch, done)
                 log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
-        return self._loader(ds, self.per_rank_batch(), sampler=sampler)
+        return self._loader(ds, self.per_rank_batch(), sampler, drop_last=True)
+
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        """In order, every item once; under DDP each rank takes every world-th item (padded to equal length,
+        as Lightning's own distributed sampler does: the Trainer runs with use_distributed_sampler=False)."""
+        ds = self.dataset(split)
+        if ds is None:
+            return []
+        rank, world = self.world
+        sampler = (DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False) if world > 1
+                   else SequentialSampler(ds))
+        return self._loader(ds, self.per_rank_batch(self.val_batch_size), sampler, drop_last=False)
 
     def val_dataloader(self) -> DataLoader | list:
-        ds = self.dataset("val")
-        return self._loader(ds, self.per_rank_batch(self.val_batch_size)) if ds is not None else []
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader | list:
-        ds = self.dataset("test")
-        return self._loader(ds, self.per_rank_batch(self.val_batch_size)) if ds is not None else []
+        return self._eval_loader("test")

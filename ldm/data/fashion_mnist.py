@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ldm.data.sampler import index_epoch
+
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 CLASS_NAMES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 CAPTION_TEMPLATES = (
@@ -54,10 +56,11 @@ def _find(root: Path, split: str, kind: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
+    where = f"in {root}" if root.is_dir() else f"({root} does not exist)"
     raise FileNotFoundError(
-        f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install Debian's package "
-        "(`sudo apt-get install dataset-fashion-mnist`, files land in /usr/share/datasets/fashion-mnist) "
-        "or put the four *-ubyte.gz files in a folder and pass data.root=<folder>."
+        f"Fashion-MNIST file {stem}[.gz] not found {where}. Install Debian's package "
+        f"(`sudo apt-get install dataset-fashion-mnist`, files land in {DEFAULT_ROOT}) "
+        "or put the four *-ubyte.gz files in a folder and pass data.train.root=<folder>."
     )
 
 
@@ -80,11 +83,21 @@ class FashionMNIST(Dataset):
             raise ValueError(f"split must be train, val or test, got {split!r}")
         root = Path(root)
         src = "test" if split == "test" else "train"
-        images = read_idx(_find(root, src, "images"))
-        labels = read_idx(_find(root, src, "labels"))
+        images_path, labels_path = _find(root, src, "images"), _find(root, src, "labels")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{images_path}: expected uint8 images of shape (N, H, W), "
+                             f"got {images.dtype} {images.shape}")
+        if labels.ndim != 1 or labels.dtype != np.uint8:
+            raise ValueError(f"{labels_path}: expected uint8 labels of shape (N,), got {labels.dtype} {labels.shape}")
         if len(images) != len(labels):
             raise ValueError(f"{root}: {len(images)} images but {len(labels)} labels")
+        if len(labels) and labels.max() >= len(CLASS_NAMES):
+            raise ValueError(f"{labels_path}: label {labels.max()} out of range 0..{len(CLASS_NAMES) - 1}")
         if split != "test":
+            if not 0 <= val_size < len(images):
+                raise ValueError(f"val_size={val_size} must be in [0, {len(images)}) for {len(images)} training "
+                                 "images")
             perm = np.random.default_rng(seed).permutation(len(images))
             idx = perm[:val_size] if split == "val" else perm[val_size:]
             images, labels = images[np.sort(idx)], labels[np.sort(idx)]
@@ -111,6 +124,7 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         label = int(self.labels[i])
-        pick = random.Random(f"{self.seed}/{self.epoch}/{i}").randrange(len(self.templates))
+        epoch = index_epoch(i, self.epoch)
+        pick = random.Random(f"{self.seed}/{epoch}/{int(i)}").randrange(len(self.templates))
         return {"image": self.to_image(self.images[i]), "label": label,
                 "caption": caption_for(label, self.templates[pick])}

@@ -3,6 +3,10 @@
 The order is a pure function of (seed, epoch): global batch b is `perm[b·B:(b+1)·B]` (B = global batch size) and
 rank r takes the r-th contiguous slice of it, so N ranks together see exactly the batches one process would.
 After a resume, the first epoch starts at the batch the checkpoint stopped at.
+
+Indices are yielded as `EpochIndex` (an int that also carries the epoch), so per-item randomness in a dataset
+(caption template, crop, flip) follows the epoch even in DataLoader workers that were started in an earlier
+epoch (persistent workers) or before the epoch was set (a resumed run).
 """
 
 from __future__ import annotations
@@ -11,6 +15,25 @@ from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler
+
+
+class EpochIndex(int):
+    """A dataset index that remembers the epoch it was drawn for (pickles through worker queues)."""
+
+    epoch: int
+
+    def __new__(cls, value: int, epoch: int = 0) -> EpochIndex:
+        obj = super().__new__(cls, value)
+        obj.epoch = epoch
+        return obj
+
+    def __reduce__(self):
+        return EpochIndex, (int(self), self.epoch)
+
+
+def index_epoch(index: int, default: int = 0) -> int:
+    """The epoch an index was drawn for (an `EpochIndex`), else `default` (the dataset's own `epoch`)."""
+    return getattr(index, "epoch", default)
 
 
 class ResumableShardSampler(Sampler[int]):
@@ -48,7 +71,8 @@ class ResumableShardSampler(Sampler[int]):
         order = self.global_order(self.epoch)[: self.num_batches * gb].view(self.num_batches, gb)
         mine = order[:, self.rank * self.per_rank_batch:(self.rank + 1) * self.per_rank_batch]
         skip = self._start[1] if self._start[0] == self.epoch else 0
-        return iter(mine[skip:].reshape(-1).tolist())
+        epoch = self.epoch
+        return (EpochIndex(i, epoch) for i in mine[skip:].reshape(-1).tolist())
 
     def __len__(self) -> int:
         # The full epoch length even when resuming: Lightning counts the batches it already consumed.
