@@ -1,0 +1,110 @@
+"""Attention blocks: SDPA attention against a naive softmax(QKᵀ/√d)V written here, GEGLU, SpatialTransformer."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ldm.nn.attention import GEGLU, CrossAttention, SpatialTransformer, expand_mask
+
+
+def naive_attention(attn: CrossAttention, x, context=None, keep=None):
+    """Multi-head attention from the module's weights, step by step; keep (B, L) bool masks keys."""
+    src = x if context is None else context
+    b, n, _ = x.shape
+    h, d = attn.heads, attn.dim_head
+
+    def heads(t):  # (B, N, h·d) -> (B, h, N, d)
+        return t.reshape(b, t.shape[1], h, d).permute(0, 2, 1, 3)
+
+    q, k, v = heads(x @ attn.to_q.weight.T), heads(src @ attn.to_k.weight.T), heads(src @ attn.to_v.weight.T)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d)  # (B, h, N, L)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    out = out.permute(0, 2, 1, 3).reshape(b, n, h * d)
+    return out @ attn.to_out[0].weight.T + attn.to_out[0].bias
+
+
+def test_self_attention_matches_naive():
+    attn = CrossAttention(24, None, heads=3, dim_head=8).eval()
+    x = torch.randn(2, 10, 24)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x), rtol=0, atol=1e-5)
+
+
+def test_cross_attention_matches_naive():
+    attn = CrossAttention(16, context_dim=12, heads=2, dim_head=16).eval()
+    x, ctx = torch.randn(3, 7, 16), torch.randn(3, 5, 12)
+    torch.testing.assert_close(attn(x, ctx), naive_attention(attn, x, ctx), rtol=0, atol=1e-5)
+
+
+def test_masked_cross_attention_matches_naive_and_ignores_masked_tokens():
+    attn = CrossAttention(16, context_dim=12, heads=4, dim_head=4).eval()
+    x, ctx = torch.randn(3, 6, 16), torch.randn(3, 5, 12)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    out = attn(x, ctx, expand_mask(keep, 3, 5))
+    torch.testing.assert_close(out, naive_attention(attn, x, ctx, keep), rtol=0, atol=1e-5)
+    ctx2 = torch.where(keep[..., None], ctx, torch.randn_like(ctx) * 100)  # change only the masked tokens
+    torch.testing.assert_close(attn(x, ctx2, expand_mask(keep, 3, 5)), out, rtol=0, atol=1e-5)
+    assert not torch.allclose(attn(x, ctx2), attn(x, ctx), atol=1e-3)  # and they do matter unmasked
+
+
+def test_fully_masked_row_attends_to_all_tokens():
+    attn = CrossAttention(8, context_dim=8, heads=2, dim_head=4).eval()
+    x, ctx = torch.randn(2, 3, 8), torch.randn(2, 4, 8)
+    keep = torch.tensor([[0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    out = attn(x, ctx, expand_mask(keep, 2, 4))
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[:1], attn(x[:1], ctx[:1]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[1:], naive_attention(attn, x[1:], ctx[1:], keep[1:]), rtol=0, atol=1e-5)
+
+
+def test_expand_mask_shape_and_errors():
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    assert expand_mask(keep, 2, 5).shape == (2, 1, 1, 5)
+    assert expand_mask(None, 2, 5) is None
+    with pytest.raises(ValueError, match="context_mask must have shape"):
+        expand_mask(keep, 2, 6)
+    with pytest.raises(ValueError, match="must be bool"):
+        expand_mask(keep.long(), 2, 5)
+
+
+def test_geglu_closed_form():
+    geglu = GEGLU(6, 5)
+    x = torch.randn(4, 6)
+    proj = x @ geglu.proj.weight.T + geglu.proj.bias
+    value, gate = proj[:, :5], proj[:, 5:]
+    expected = value * 0.5 * gate * (1 + torch.erf(gate / math.sqrt(2)))
+    torch.testing.assert_close(geglu(x), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_spatial_transformer_conv_and_linear_projections_agree(depth):
+    """proj_in/out as 1×1 convs (SD v1) and as Linear layers (SD v2) compute the same function."""
+    conv = SpatialTransformer(16, heads=2, dim_head=8, depth=depth, context_dim=12, norm_groups=8).eval()
+    lin = SpatialTransformer(16, heads=2, dim_head=8, depth=depth, context_dim=12, use_linear=True,
+                             norm_groups=8).eval()
+    torch.nn.init.normal_(conv.proj_out.weight)  # zero-initialised: give it weights so the test means something
+    sd = {k: (v.flatten(1) if k.startswith(("proj_in.weight", "proj_out.weight")) else v)
+          for k, v in conv.state_dict().items()}
+    lin.load_state_dict(sd)
+    x, ctx = torch.randn(2, 16, 4, 3), torch.randn(2, 5, 12)
+    out = conv(x, ctx)
+    assert out.shape == x.shape
+    torch.testing.assert_close(lin(x, ctx), out, rtol=0, atol=1e-5)
+    assert len(conv.transformer_blocks) == depth
+    # and the whole block against a reference: GroupNorm -> 1×1 conv -> blocks -> 1×1 conv, residual
+    tokens = F.conv2d(conv.norm(x), conv.proj_in.weight, conv.proj_in.bias).flatten(2).transpose(1, 2)
+    for blk in conv.transformer_blocks:
+        tokens = tokens + naive_attention(blk.attn1, blk.norm1(tokens))
+        tokens = tokens + naive_attention(blk.attn2, blk.norm2(tokens), ctx)
+        tokens = tokens + blk.ff(blk.norm3(tokens))
+    h = tokens.transpose(1, 2).reshape(2, 16, 4, 3)
+    torch.testing.assert_close(out, x + F.conv2d(h, conv.proj_out.weight, conv.proj_out.bias), rtol=0, atol=1e-5)
+
+
+def test_spatial_transformer_proj_out_is_zero_initialised():
+    st = SpatialTransformer(8, heads=2, dim_head=4, context_dim=4, norm_groups=4)
+    x = torch.randn(1, 8, 2, 2)
+    torch.testing.assert_close(st(x, torch.randn(1, 3, 4)), x)  # starts as the identity
