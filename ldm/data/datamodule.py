@@ -96,7 +96,10 @@ class DataModule(pl.LightningDataModule):
             # Lightning creates the loader's iterator (and worker processes prefetch indices) before it calls
             # set_epoch, so a resumed run must start from the restored epoch here.
             sampler.set_epoch(trainer.current_epoch)
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+            # A checkpoint written in on_train_batch_end (ModelCheckpoint every_n_train_steps) has `completed`
+            # one behind `processed`: that batch was trained on, so it counts as done.
+            current = trainer.fit_loop.epoch_loop.batch_progress.current
+            done = max(current.completed, getattr(current, "processed", 0))
             if done:
                 sampler.resume_at(trainer.current_epoch, done)
                 log.info("resuming epoch %d after %d batches", trainer.current_epoch, done)
