@@ -124,10 +124,16 @@ class UNetModel(nn.Module):
             raise ValueError("conv_resample=False is not supported: LDM/SD resample with convolutions")
         if num_res_blocks < 1 or not channel_mult:
             raise ValueError(f"need num_res_blocks >= 1 and a channel_mult, got {num_res_blocks}, {channel_mult}")
+        if transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be >= 1, got {transformer_depth}")
+        factors = [2**i for i in range(len(channel_mult))]
+        if unknown := [r for r in attention_resolutions if r not in factors]:
+            raise ValueError(f"attention_resolutions {list(attention_resolutions)}: {unknown} match no level "
+                             f"(downsample factors of this U-Net: {factors})")
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels, self.model_channels = in_channels, out_channels, model_channels
         self.context_dim, self.num_classes, self.image_size = context_dim, num_classes, image_size
-        self.adm_in_channels = adm_in_channels
+        self.adm_in_channels, self.num_levels = adm_in_channels, len(channel_mult)
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = label_embedding(num_classes, emb_dim, adm_in_channels)
@@ -172,15 +178,12 @@ class UNetModel(nn.Module):
     def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor | None = None,
                 context_mask: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         b = x.shape[0]
+        self._check_input(x)
         mask = self._check_context(b, context, context_mask)
         t = as_batch_timesteps(timesteps, b, x.device)
         emb = self.time_embed(timestep_embedding(t, self.model_channels).to(self.time_embed[0].weight.dtype))
         if self.label_emb is not None:
-            if y is None:
-                raise ValueError(f"this U-Net is class-conditional (num_classes={self.num_classes!r}): pass y")
-            if y.shape[0] != b:
-                raise ValueError(f"y has batch {y.shape[0]}, x has {b}")
-            emb = emb + self.label_emb(y if isinstance(self.num_classes, int) else y.to(emb.dtype))
+            emb = emb + self.label_emb(self._check_y(b, y, emb.dtype))
         elif y is not None:
             raise ValueError("y given but this U-Net has no class embedding (num_classes=None)")
         h, skips = x, []
@@ -192,6 +195,31 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, mask)
         norm, _, conv = self.out
         return conv(F.silu(norm(h)))
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, in_channels={self.in_channels}, H, W), got {tuple(x.shape)}")
+        step = 2 ** (self.num_levels - 1)
+        if x.shape[2] % step or x.shape[3] % step:
+            raise ValueError(f"H and W must be divisible by {step} ({self.num_levels} levels), got "
+                             f"{tuple(x.shape[2:])}")
+
+    def _check_y(self, b: int, y: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Validate the class labels / conditioning vector y for the label embedding."""
+        if y is None:
+            raise ValueError(f"this U-Net is class-conditional (num_classes={self.num_classes!r}): pass y")
+        if y.shape[0] != b:
+            raise ValueError(f"y has batch {y.shape[0]}, x has {b}")
+        if isinstance(self.num_classes, int):
+            if y.shape != (b,) or y.is_floating_point() or y.is_complex():
+                raise ValueError(f"y must be integer class labels of shape ({b},), got {y.dtype} {tuple(y.shape)}")
+            return y
+        if self.num_classes == "continuous" and y.ndim == 1:
+            y = y[:, None]
+        width = 1 if self.num_classes == "continuous" else self.adm_in_channels
+        if y.shape != (b, width):
+            raise ValueError(f"y must have shape ({b}, {width}), got {tuple(y.shape)}")
+        return y.to(dtype)
 
     def _check_context(self, b: int, context: Tensor | None, context_mask: Tensor | None) -> Tensor | None:
         """Validate the context and return the SDPA key-padding mask (B, 1, 1, L) or None."""
