@@ -101,7 +101,8 @@ class FashionMNIST(Dataset):
             perm = np.random.default_rng(seed).permutation(len(images))
             idx = perm[:val_size] if split == "val" else perm[val_size:]
             images, labels = images[np.sort(idx)], labels[np.sort(idx)]
-        self.images = torch.from_numpy(np.ascontiguousarray(images))  # (N, 28, 28) uint8
+        # writable copy where needed: np.frombuffer data is read-only, which torch tensors must not wrap
+        self.images = torch.from_numpy(np.require(images, requirements=["C", "W"]))  # (N, 28, 28) uint8
         self.labels = torch.from_numpy(labels.astype(np.int64))
         self.image_size, self.split = image_size, split
         self.templates = tuple(templates or CAPTION_TEMPLATES)
