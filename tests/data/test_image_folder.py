@@ -210,12 +210,12 @@ def test_bad_files_are_skipped_and_counted_by_reason(tmp_path: Path, caplog):
     png = (tmp_path / "good.png").read_bytes()
     save(tmp_path, "truncated.png", png[: len(png) // 2])
     save(tmp_path, "huge.png", png_header(100_000, 100_000))   # 10^10 pixels: Pillow's bomb error
-    save(tmp_path, "big.png", png_header(20_000, 10_000))       # 2·10^8 > max_pixels below
+    save(tmp_path, "big.png", png_header(12_000, 10_000))       # 1.2·10^8: over the limit, under Pillow's error
     save(tmp_path, "uncaptioned.png", noise(), caption=None)
     (tmp_path / "broken.png").symlink_to(tmp_path / "nowhere.png")
     (tmp_path / "broken.txt").write_text("caption of a dangling link")
     with caplog.at_level(logging.WARNING, logger=LOGGER):
-        ds = ImageFolder(tmp_path, image_size=8, max_pixels=100_000_000)
+        ds = ImageFolder(tmp_path, image_size=8)  # max_pixels: Pillow's MAX_IMAGE_PIXELS
     assert ds.files == ["good.jpg", "good.png"]
     assert ds.skipped == {"corrupt": 3, "empty_file": 1, "too_large": 2, "no_caption": 1, "unreadable": 1}
     assert sorted(ds.skipped_files) == sorted([
@@ -225,7 +225,7 @@ def test_bad_files_are_skipped_and_counted_by_reason(tmp_path: Path, caplog):
     summary = [r for r in caplog.records if "skipped 8 files" in r.getMessage()]
     assert len(summary) == 1 and summary[0].levelno == logging.WARNING
     assert "corrupt=3, empty_file=1, no_caption=1, too_large=2, unreadable=1" in summary[0].getMessage()
-    assert "huge.png (too_large)" in caplog.text and "20000x10000 is over max_pixels" in caplog.text
+    assert "huge.png (too_large)" in caplog.text and "12000x10000 is over max_pixels=89478485" in caplog.text
     assert all(ds[i]["image"].shape == (3, 8, 8) for i in range(len(ds)))
 
 
@@ -234,6 +234,14 @@ def test_lower_max_pixels(tmp_path: Path):
     save(tmp_path, "large.png", noise((64, 64)))
     ds = ImageFolder(tmp_path, image_size=8, max_pixels=1000)
     assert ds.files == ["small.png"] and ds.skipped == {"too_large": 1}
+
+
+def test_max_pixels_above_pillows_limit_raises_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow would refuse 64×64 (> 2 × 1000) outright
+    save(tmp_path, "large.png", noise((64, 64)))
+    ds = ImageFolder(tmp_path, image_size=8, max_pixels=5000)
+    assert ds.files == ["large.png"] and Image.MAX_IMAGE_PIXELS == 5000
+    assert ds[0]["image"].shape == (3, 8, 8)
 
 
 def test_truncated_jpeg_is_replaced_at_load_time_deterministically(tmp_path: Path, caplog):
