@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ldm import rng
 from ldm.diffusion.denoiser import VARIANCE_TYPES, Denoiser
 from ldm.diffusion.likelihood import (  # noqa: F401  (re-exported)
     approx_standard_normal_cdf,
@@ -62,14 +63,14 @@ def min_snr_weight(snr: Tensor, gamma: float, prediction_type: str) -> Tensor:
     raise ValueError(f"unknown prediction_type {prediction_type!r}; choose one of {PREDICTION_TYPES}")
 
 
-def offset_noise(like: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+def offset_noise(like: Tensor, strength: float, generator: rng.Generator = None) -> Tensor:
     """ε + strength · δ with ε ~ N(0, I) shaped like `like` and δ ~ N(0, 1) per (sample, channel), broadcast
     over the spatial dims: lets the model change an image's mean brightness (Guttenberg 2023).
     strength=0 → plain ε."""
-    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    noise = rng.randn(like.shape, generator, device=like.device, dtype=like.dtype)
     if strength:
         offset_shape = (*like.shape[:2], *([1] * (like.ndim - 2)))
-        offset = torch.randn(offset_shape, generator=generator, device=like.device, dtype=like.dtype)
+        offset = rng.randn(offset_shape, generator, device=like.device, dtype=like.dtype)
         noise = noise + strength * offset
     return noise
 

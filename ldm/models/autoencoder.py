@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm import rng
 from ldm.images import save_grid
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
@@ -159,7 +160,8 @@ class AutoencoderKL(pl.LightningModule):
         opt_ae, opt_d = self.optimizers()
         sch_ae, sch_d = self.lr_schedulers()
         step = self.ae_step
-        gen = torch.Generator(device=x.device).manual_seed(step * 7919 + self.global_rank)
+        # Posterior samples are a function of (step, global sample index): the same for any number of ranks.
+        gen = rng.step_generator(self, step * 7919, x.device)
         posterior = self.net.encode(x)
         z = posterior.sample(gen) if self.hparams.sample_posterior else posterior.mode()
         rec = self.net.decode(z)
@@ -194,9 +196,10 @@ class AutoencoderKL(pl.LightningModule):
                          "train/logits_fake": logits_fake.mean()})
         if self.ema is not None:
             self.ema.update()
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x))
+        # Averaged over ranks (every rank holds an equal share of the global batch).
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(x), sync_dist=True)
         logs = {k: v.detach().float() if torch.is_tensor(v) else v for k, v in logs.items()}
-        self.log_dict(logs, batch_size=len(x))
+        self.log_dict(logs, batch_size=len(x), sync_dist=True)
         if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
             self._final_scale_factor()  # in the last step, so that the final checkpoint holds it
 
@@ -316,7 +319,7 @@ class AutoencoderKL(pl.LightningModule):
         net = self.eval_net
         was_training = net.training
         net.eval()
-        gen = torch.Generator(device=self.device).manual_seed(1234 + self.global_rank)
+        gen = rng.step_generator(self, 1234, self.device)  # same samples as one process would draw
         images = (b["image"] if isinstance(b, dict) else b for b in dataloader)
         stats = latent_moments(net, images, num_batches, gen)
         net.train(was_training)

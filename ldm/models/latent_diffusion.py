@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from ldm import rng
 from ldm.diffusion.denoiser import VARIANCE_TYPES, Denoiser
 from ldm.diffusion.objectives import LOSS_TYPES, diffusion_training_loss, offset_noise
 from ldm.diffusion.samplers import get_sampler
@@ -30,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def drop_condition(context: Tensor, mask: Tensor, null_context: Tensor, null_mask: Tensor, prob: float,
-                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                   generator: rng.Generator = None) -> tuple[Tensor, Tensor, Tensor]:
     """Replace a Bernoulli(prob) subset of the batch's contexts by the null (empty-prompt) context, the
     unconditional branch of classifier-free guidance. Returns (context, mask, dropped (B,) bool)."""
     b = context.shape[0]
-    dropped = torch.rand(b, generator=generator, device=context.device) < prob
+    dropped = rng.rand((b,), generator, device=context.device) < prob
     if not bool(dropped.any()):
         return context, mask, dropped
     length = max(context.shape[1], null_context.shape[1])
@@ -147,7 +148,7 @@ class LatentDiffusion(pl.LightningModule):
         return self.first_stage.decode((z / self.scale_factor).to(parts.dtype_of(self.first_stage))).float()
 
     @torch.no_grad()
-    def get_latents(self, batch: dict, generator: torch.Generator | None = None) -> Tensor:
+    def get_latents(self, batch: dict, generator: rng.Generator = None) -> Tensor:
         """z0 = (mean + std·ε) · scale_factor from images, or from a cached posterior (B, 2, C, h, w)."""
         x = batch["image"]
         if x.ndim == 5:
@@ -155,7 +156,7 @@ class LatentDiffusion(pl.LightningModule):
         else:
             post = self.first_stage.encode(x.to(parts.dtype_of(self.first_stage)))
             mean, std = post.mean.float(), post.std.float()
-        eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        eps = rng.randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * eps) * self.scale_factor
 
     def encode_text(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -167,23 +168,22 @@ class LatentDiffusion(pl.LightningModule):
         ctx, mask = self.text_encoder.encode(list(prompts))
         return ctx.to(self.device), mask.to(self.device)
 
-    def condition(self, captions: Sequence[str], drop_prob: float = 0.0) -> dict:
+    def condition(self, captions: Sequence[str], drop_prob: float = 0.0, generator: rng.Generator = None) -> dict:
         """U-Net keyword arguments for a batch of captions, with condition dropout at `drop_prob`."""
         if self.text_encoder is None:
             return {}
         ctx, mask = self.encode_text(captions)
         if drop_prob > 0:
             null_ctx, null_mask = self.encode_text([""])
-            ctx, mask, _ = drop_condition(ctx, mask, null_ctx, null_mask, drop_prob)
+            ctx, mask, _ = drop_condition(ctx, mask, null_ctx, null_mask, drop_prob, generator)
         return {"context": ctx, "context_mask": mask}
 
     # ---- training --------------------------------------------------------------------------------
-    def _loss(self, net: nn.Module, batch: dict, drop_prob: float, generator: torch.Generator | None = None):
+    def _loss(self, net: nn.Module, batch: dict, drop_prob: float, generator: rng.Generator = None):
         hp = self.hparams
         z0 = self.get_latents(batch, generator)
-        cond = self.condition(batch["caption"], drop_prob) if self.text_encoder is not None else {}
-        t = torch.randint(0, self.schedule.num_timesteps, (z0.shape[0],), device=z0.device,
-                          generator=generator)
+        cond = self.condition(batch["caption"], drop_prob, generator) if self.text_encoder is not None else {}
+        t = rng.randint(self.schedule.num_timesteps, (z0.shape[0],), generator, device=z0.device)
         noise = offset_noise(z0, hp.offset_noise, generator=generator)
         x_t = self.schedule.q_sample(z0, t, noise)
         raw = net(x_t, t, **cond)
@@ -194,15 +194,20 @@ class LatentDiffusion(pl.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        loss, logs = self._loss(self.unet, batch, self.hparams.cond_drop_prob)
+        # Latent sample, t, ε and condition dropout: a function of (seed, step, global sample index), so N ranks
+        # train on what one process with the same global batch would, and a resume draws what it would have.
+        seed = torch.initial_seed() % 2**31  # seed_everything(cfg.seed) sets it on every rank
+        gen = rng.step_generator(self, seed * 1_000_003 + self.global_step, self.device)
+        loss, logs = self._loss(self.unet, batch, self.hparams.cond_drop_prob, gen)
         if not self.guard.check(loss, self):
             return None
         if not bool(self.latent_size.any()):
             self.latent_size.copy_(torch.tensor(self.get_latent_hw(batch), device=self.latent_size.device))
         if self._trainer is not None:
             b = len(batch["caption"])
-            self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=b)
-            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b)
+            # Averaged over ranks (every rank holds an equal share of the global batch).
+            self.log("train/loss", logs.pop("loss"), prog_bar=True, batch_size=b, sync_dist=True)
+            self.log_dict({f"train/{k}": v for k, v in logs.items()}, batch_size=b, sync_dist=True)
             self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=b)
         return loss
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ldm import rng
+
 DDCONFIG_KEYS = {"ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "in_channels",
                  "resolution", "z_channels", "double_z", "mid_attn", "norm_groups"}
 
@@ -183,9 +185,9 @@ class DiagonalGaussian:
         self.std = torch.exp(0.5 * self.logvar)
         self.var = torch.exp(self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> Tensor:
+    def sample(self, generator: rng.Generator = None) -> Tensor:
         m = self.mean
-        eps = torch.randn(m.shape, generator=generator, device=m.device, dtype=m.dtype)
+        eps = rng.randn(m.shape, generator, device=m.device, dtype=m.dtype)
         return self.mean + self.std * eps
 
     def mode(self) -> Tensor:
@@ -231,7 +233,7 @@ class AutoencoderKLNet(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: Tensor, sample: bool = True, generator: torch.Generator | None = None):
+    def forward(self, x: Tensor, sample: bool = True, generator: rng.Generator = None):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z), posterior
@@ -239,7 +241,7 @@ class AutoencoderKLNet(nn.Module):
 
 @torch.no_grad()
 def latent_moments(net: AutoencoderKLNet, images: Iterable[Tensor], num_batches: int | None = None,
-                   generator: torch.Generator | None = None, sample: bool = True) -> Tensor:
+                   generator: rng.Generator = None, sample: bool = True) -> Tensor:
     """float64 [Σz, Σz², count] over posterior samples of up to `num_batches` image batches (sums, so that
     ranks can all-reduce them); 1/std of the latents is the LDM scale factor."""
     p = next(net.parameters())
