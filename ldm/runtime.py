@@ -43,17 +43,25 @@ def prepare_argv(argv: list[str] | None = None) -> list[str]:
     """Keep non-zero ranks of a torchrun/SLURM job from creating run folders of their own.
 
     Lightning's own DDP launcher already passes rank 0's `hydra.run.dir`; with torchrun or srun every process
-    composes the config itself, so ranks > 0 either share LDM_RUN_DIR or get a scratch folder (they write
-    nothing: checkpoints, logs and images are rank-0 only, and checkpoint paths are broadcast from rank 0).
+    composes the config itself, so ranks > 0 share the given `hydra.run.dir` or LDM_RUN_DIR, or else get a
+    scratch folder (they write nothing there: checkpoints, metrics and images are rank-0 only, and checkpoint
+    paths are broadcast from rank 0). In a shared folder they write no `.hydra/` and log to `train_rank<r>.log`.
     """
     argv = sys.argv if argv is None else argv
-    if launch_rank() == 0 or any(a.startswith(("hydra.run.dir", "-m", "--multirun")) for a in argv[1:]):
+    rank = launch_rank()
+    if rank == 0 or any(a.startswith(("-m", "--multirun")) for a in argv[1:]):
         return argv
-    if "LDM_RUN_DIR" not in os.environ:
-        scratch = Path(tempfile.gettempdir()) / f"ldm-rank{launch_rank()}-{os.getpid()}"
+
+    def given(key: str) -> bool:
+        return any(a.startswith((key, f"+{key}", f"++{key}")) for a in argv[1:])
+
+    if not given("hydra.run.dir") and "LDM_RUN_DIR" not in os.environ:
+        scratch = Path(tempfile.gettempdir()) / f"ldm-rank{rank}-{os.getpid()}"
         argv.append(f"hydra.run.dir={scratch}")
-    if not any(a.startswith("hydra.output_subdir") for a in argv[1:]):
+    if not given("hydra.output_subdir"):
         argv.append("hydra.output_subdir=null")
+    if not given("hydra.job.name"):
+        argv.append(f"hydra.job.name=train_rank{rank}")
     return argv
 
 

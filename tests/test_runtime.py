@@ -35,6 +35,14 @@ def test_nonzero_rank_gets_no_run_folder_of_its_own(monkeypatch):
     assert runtime.prepare_argv(["train.py"]) == ["train.py"]
 
 
+def test_nonzero_rank_shares_a_given_run_folder_without_writing_hydra_files(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("LDM_RUN_DIR", raising=False)
+    argv = runtime.prepare_argv(["train.py", "hydra.run.dir=/shared/run"])
+    assert argv == ["train.py", "hydra.run.dir=/shared/run", "hydra.output_subdir=null", "hydra.job.name=train_rank3"]
+    assert runtime.prepare_argv(["train.py", "-m", "x=1,2"]) == ["train.py", "-m", "x=1,2"]
+
+
 def test_wandb_offline_without_key(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
