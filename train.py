@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm import checkpoint, runtime
+from ldm.callbacks.rng_state import RNGState
 from ldm.callbacks.run_metadata import RunMetadata
 from ldm.callbacks.safety import CheckpointSafety
 
@@ -59,7 +60,7 @@ def main(cfg: DictConfig) -> None:
 
     ckpt_path = runtime.resolve_ckpt_path(cfg.ckpt_path, out_dir, task_dir)
     resume_meta = checkpoint.read_metadata(ckpt_path, trust=trust) if ckpt_path else {}
-    callbacks = instantiate_all(cfg.get("callbacks")) + [RunMetadata(str(out_dir)), CheckpointSafety()]
+    callbacks = instantiate_all(cfg.get("callbacks")) + [RunMetadata(str(out_dir)), CheckpointSafety(), RNGState()]
     loggers = build_loggers(cfg, resume_meta)
     trainer: pl.Trainer = instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint.AtomicCheckpointIO()]
