@@ -111,6 +111,7 @@ class LatentDiffusion(pl.LightningModule):
             parts.check_context_dim(self.text_encoder, self.unet)
         self.register_buffer("latent_size", torch.zeros(2, dtype=torch.long))  # (h, w) seen in training
         self.guard = NonFiniteGuard()
+        self._skip_update = False  # set by training_step on a non-finite loss
         self._next_sample_step = 0
 
     # ---- frozen parts ----------------------------------------------------------------------------
@@ -193,14 +194,18 @@ class LatentDiffusion(pl.LightningModule):
             vlb_weight=hp.vlb_weight,
         )
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # Latent sample, t, ε and condition dropout: a function of (seed, step, global sample index), so N ranks
         # train on what one process with the same global batch would, and a resume draws what it would have.
         seed = torch.initial_seed() % 2**31  # seed_everything(cfg.seed) sets it on every rank
         gen = rng.step_generator(self, seed * 1_000_003 + self.global_step, self.device)
         loss, logs = self._loss(self.unet, batch, self.hparams.cond_drop_prob, gen)
-        if not self.guard.check(loss, self):
-            return None
+        self._skip_update = not self.guard.check(loss, self)
+        if self._skip_update:
+            # Not `return None` (Lightning refuses that under DDP): a zero loss on every trainable parameter keeps
+            # DDP's gradient all-reduce in step; on_before_optimizer_step then drops the gradients, so the
+            # optimizer (AdamW skips parameters without .grad) and the EMA leave everything as it was.
+            return sum((p.sum() * 0.0 for p in self.unet.parameters() if p.requires_grad), loss.new_zeros(()))
         if not bool(self.latent_size.any()):
             self.latent_size.copy_(torch.tensor(self.get_latent_hw(batch), device=self.latent_size.device))
         if self._trainer is not None:
@@ -217,10 +222,17 @@ class LatentDiffusion(pl.LightningModule):
             return int(x.shape[-2]), int(x.shape[-1])
         return int(x.shape[-2]) // self.downsample_factor, int(x.shape[-1]) // self.downsample_factor
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._skip_update:  # a non-finite loss: no update, not even weight decay or momentum
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+
     def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        if self.ema is not None:
+        super().optimizer_step(*args, **kwargs)  # runs the closure: training_step, backward, the step
+        if self.ema is not None and not self._skip_update:
             self.ema.update()
+        self._skip_update = False
 
     def compile_network(self, **options) -> None:
         """torch.compile the U-Net in place (parameter names, hence checkpoints, are unchanged)."""
