@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from ldm import checkpoint
@@ -93,4 +92,35 @@ def test_autoencoder_sigkill_resume_is_bit_identical(fmnist_root: Path, tmp_path
     # 256 - 32 (val) = 224 training images = 28 batches of 8: an epoch is longer than the run, so the kill
     # lands mid-epoch and the data order has to continue where it stopped.
     kill_and_resume(ae_args(fmnist_root, cut), cut, kill_after=random.choice([2, 4, 6]))
+    assert_resumed_exactly(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
+
+
+def tiny_autoencoder_export(directory: Path) -> Path:
+    """An untrained f=4 autoencoder export (the LDM only needs a frozen first stage), without a train.py run."""
+    from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
+
+    torch.manual_seed(0)
+    ddconfig = {"in_channels": 1, "out_ch": 1, "resolution": 32, "ch": 8, "ch_mult": [1, 1, 1], "num_res_blocks": 1,
+                "attn_resolutions": [], "mid_attn": False, "dropout": 0.0, "z_channels": 4, "double_z": True,
+                "norm_groups": 4}
+    return save_pretrained(AutoencoderKLNet(ddconfig, 4), directory, scale_factor=0.9)
+
+
+LDM_STEPS = 10
+
+
+def ldm_args(root: Path, run_dir: Path, first_stage: Path) -> list[str]:
+    # U-Net dropout > 0 draws from the global torch RNG: checks that its state is saved and restored too.
+    return ["experiment=fmnist_ldm", f"hydra.run.dir={run_dir}", f"model.first_stage={first_stage}",
+            f"trainer.max_steps={LDM_STEPS}", "trainer.val_check_interval=3", "trainer.limit_val_batches=1",
+            "callbacks.model_checkpoint.every_n_train_steps=2", "model.sample_every_n_steps=0",
+            "model.val_prompts=null", "model.cond_drop_prob=0.5", "model.ema_decay=0.9", "model.warmup_steps=4",
+            "model.unet.dropout=0.2", "export=false", *TINY_UNET, *QUICK, *data_overrides(root, batch_size=8)]
+
+
+def test_latent_diffusion_sigkill_resume_is_bit_identical(fmnist_root: Path, tmp_path: Path):
+    first_stage = tiny_autoencoder_export(tmp_path / "ae")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_train(ldm_args(fmnist_root, full, first_stage))
+    kill_and_resume(ldm_args(fmnist_root, cut, first_stage), cut, kill_after=random.choice([2, 4, 6]))
     assert_resumed_exactly(full / "checkpoints" / "last.ckpt", cut / "checkpoints" / "last.ckpt")
