@@ -34,9 +34,10 @@ def build_loggers(cfg: DictConfig, resume_meta: dict) -> list:
     for conf in (cfg.get("logger") or {}).values():
         if not (isinstance(conf, DictConfig) and "_target_" in conf):
             continue
-        if conf._target_.endswith("WandbLogger") and resume_meta.get("wandb_run_id"):
-            # Continue the W&B run this checkpoint came from.
-            conf = OmegaConf.merge(conf, {"id": resume_meta["wandb_run_id"], "resume": "allow"})
+        if conf._target_.endswith("WandbLogger") and resume_meta.get("wandb_run_id") and not conf.get("id"):
+            # Continue the W&B run this checkpoint came from (an explicit logger.wandb.id wins).
+            conf = OmegaConf.create(OmegaConf.to_container(conf, resolve=True))
+            conf.id, conf.resume = resume_meta["wandb_run_id"], "allow"
         loggers.append(instantiate(conf))
     return loggers
 
