@@ -15,12 +15,15 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 log = logging.getLogger(__name__)
 
 
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
+
+
 class NonFiniteWeightsError(RuntimeError):
     pass
 
 
 class CheckpointSafety(pl.Callback):
-    """SIGTERM (and SIGUSR1 outside SLURM) → `last.ckpt` at the next step boundary, then exit.
+    """SIGTERM (and SIGUSR1 outside SLURM) → `last.ckpt` at the next step boundary, then exit with status 143.
 
     Lightning turns SIGTERM into a SIGTERMException on every rank at a step boundary; this saves the
     state there. Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job. A checkpoint whose
@@ -50,10 +53,14 @@ class CheckpointSafety(pl.Callback):
         if not isinstance(exception, SIGTERMException):
             return
         ckpt_cb = next((c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)), None)
-        dirpath = Path(ckpt_cb.dirpath) if ckpt_cb and ckpt_cb.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+        default = Path(trainer.default_root_dir) / "checkpoints"
+        dirpath = Path(ckpt_cb.dirpath) if ckpt_cb and ckpt_cb.dirpath else default
         path = dirpath / "last.ckpt"
         trainer.save_checkpoint(path)
-        log.warning("termination signal: saved %s at step %d", path, trainer.global_step)
+        log.warning("termination signal: saved %s at step %d; resume with ckpt_path=last", path, trainer.global_step)
+        # Lightning re-raises this SystemExit with no code (exit status 0): report 128 + SIGTERM instead, as a
+        # process ended by SIGTERM does, so that scripts and schedulers do not take the run for a finished one.
+        exception.code = EXIT_SIGTERM
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if not self.check_finite:
