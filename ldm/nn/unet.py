@@ -173,7 +173,7 @@ class UNetModel(nn.Module):
                     ds //= 2
                 self.output_blocks.append(EmbedSequential(*layers))
         self.out = nn.Sequential(group_norm(ch, norm_num_groups), nn.SiLU(),
-                                 zero_module(nn.Conv2d(model_channels, out_channels, 3, padding=1)))
+                                 zero_module(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def forward(self, x: Tensor, timesteps: Tensor | float, context: Tensor | None = None,
                 context_mask: Tensor | None = None, y: Tensor | None = None) -> Tensor:

@@ -47,6 +47,7 @@ CASES = {
     "scale_shift_norm": ({"use_scale_shift_norm": True, "num_res_blocks": 2}, {}),
     "three_levels": ({"channel_mult": [1, 2, 2], "attention_resolutions": [4, 2, 1]}, {}),
     "no_context": ({"context_dim": None}, {"context": None}),
+    "first_mult_not_1": ({"channel_mult": [2, 4]}, {}),  # the output conv takes model_channels × channel_mult[0]
 }
 
 
