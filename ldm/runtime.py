@@ -66,7 +66,8 @@ def prepare_argv(argv: list[str] | None = None) -> list[str]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, task_dir: str | Path) -> str | None:
-    """`last` → this run folder's last.ckpt if it has one (in-place resume, SLURM requeue), else the newest
+    """`last` → this run folder's newest of checkpoints/last.ckpt and Lightning's hpc_ckpt_<n>.ckpt (written by its
+    SLURM SIGUSR1 handler before a requeue) if it has one (in-place resume, SLURM requeue), else the newest
     last.ckpt among this task's runs, else None (fresh start, with a warning). Any other value must exist."""
     if ckpt_path in (None, ""):
         return None
@@ -75,8 +76,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, task_dir: s
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
         return str(ckpt_path)
     own = Path(output_dir) / "checkpoints" / "last.ckpt"
-    if own.is_file():
-        return str(own)
+    candidates = [p for p in (own, *Path(output_dir).glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    if candidates:
+        return str(max(candidates, key=lambda p: p.stat().st_mtime))
     found = sorted(Path(task_dir).glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     if found:
         return str(found[-1])
