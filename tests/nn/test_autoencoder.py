@@ -25,8 +25,9 @@ def group_config(name: str) -> dict:
     return yaml.safe_load((CONF / f"{name}.yaml").read_text())
 
 
-def test_f4_config_shapes():
-    cfg = group_config("fmnist_f4")
+@pytest.mark.parametrize("name", ["fmnist_f4", "fmnist_f4_large"])
+def test_f4_config_shapes(name):
+    cfg = group_config(name)
     net = AutoencoderKLNet(cfg["ddconfig"], cfg["embed_dim"])
     assert net.downsample_factor == 4
     x = torch.randn(2, 1, 32, 32)
