@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import checkpoint, runtime
+from ldm import checkpoint, config_check, runtime
 from ldm.callbacks.rng_state import RNGState
 from ldm.callbacks.run_metadata import RunMetadata
 from ldm.callbacks.safety import CheckpointSafety
@@ -44,6 +44,7 @@ def build_loggers(cfg: DictConfig, resume_meta: dict) -> list:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    config_check.check_types(cfg)  # `trainer.max_steps=abc` named here, not deep inside Lightning
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name

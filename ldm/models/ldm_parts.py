@@ -216,6 +216,9 @@ def load_latent_diffusion(cls, path: str | Path, *, trust: bool = False, map_loc
     if not isinstance(ckpt, Mapping) or "hyper_parameters" not in ckpt:
         raise CheckpointError(f"{path} is not a LatentDiffusion Lightning checkpoint (no hyper_parameters)")
     hp = dict(ckpt["hyper_parameters"])
+    if "ddconfig" in hp and "unet" not in hp:
+        raise CheckpointError(f"{path} is an autoencoder checkpoint, not a LatentDiffusion one: export it and train "
+                              "a LatentDiffusion on it (experiment=fmnist_ldm model.first_stage=<run>/export)")
     fs = ckpt.get("first_stage_config")
     if fs is not None:
         hp["first_stage"] = fs  # the architecture; its weights are in the state dict

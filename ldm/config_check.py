@@ -1,0 +1,78 @@
+"""Type-check a composed config against the signatures it will be instantiated with, before anything is built.
+
+Hydra checks types only for structured configs; ours are plain YAML, so `trainer.max_steps=abc` would reach
+`pl.Trainer` and fail deep inside it with "'<' not supported between instances of 'str' and 'int'". This checks
+every `_target_` node's plain values (int, float, bool, str, None and unions of them) against the target's type
+hints and names the key, the value and the expected type. Values of any other annotated type are left alone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+import typing
+
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+class ConfigTypeError(TypeError):
+    pass
+
+
+def _allowed(hint) -> tuple[type, ...] | None:
+    """The simple types `hint` allows, or None when it allows something we do not judge (Literal, classes...)."""
+    if hint in _SIMPLE:
+        return (hint,)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = [_allowed(a) for a in typing.get_args(hint)]
+        return None if any(p is None for p in parts) else tuple(t for p in parts for t in p)
+    return None
+
+
+def _fits(value, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int):
+        return int in allowed or float in allowed
+    return isinstance(value, allowed)
+
+
+def _hints(target: str) -> dict:
+    try:
+        obj = get_object(target)
+        fn = obj.__init__ if inspect.isclass(obj) else obj
+        return typing.get_type_hints(fn)
+    except Exception:  # unimportable or unresolvable annotations: instantiate will report what is wrong
+        return {}
+
+
+def check_types(cfg: DictConfig, keys: typing.Iterable[str] = ("data", "model", "trainer")) -> None:
+    """Raise ConfigTypeError naming every value of the wrong type under `keys` (dotted paths in the message)."""
+    problems: list[str] = []
+
+    def visit(node, path: str) -> None:
+        if isinstance(node, DictConfig):
+            hints = _hints(node["_target_"]) if "_target_" in node else {}
+            for key in node:
+                if str(key).startswith("_") or OmegaConf.is_missing(node, key):
+                    continue  # a missing value (???) is Hydra's to report
+                child = node[key]
+                if not isinstance(child, (DictConfig, ListConfig)) and key in hints:
+                    allowed = _allowed(hints[key])
+                    if allowed is not None and not _fits(child, allowed):
+                        names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
+                        problems.append(f"{path}.{key}={child!r}: expected {names}")
+                visit(child, f"{path}.{key}")
+        elif isinstance(node, ListConfig):
+            for i, child in enumerate(node):
+                visit(child, f"{path}[{i}]")
+
+    for key in keys:
+        node = cfg.get(key)
+        if node is not None:
+            visit(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), key)
+    if problems:
+        raise ConfigTypeError("wrong type in the config (fix the override or the YAML):\n  " + "\n  ".join(problems))
