@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--ddconfig", default=None, help="JSON overrides of the ddconfig, e.g. '{\"ch\": 32}'")
     p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget (0: --max-steps only)")
     p.add_argument("--max-steps", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--min-lr-ratio", type=float, default=0.0)
     p.add_argument("--warmup-steps", type=int, default=50)
