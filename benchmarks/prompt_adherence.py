@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ldm.data.fashion_mnist import CLASS_NAMES, FashionMNIST
+from ldm.data.fashion_mnist import CLASS_NAMES, FashionMNIST, caption_for
 from ldm.metrics.classifier import accuracy_on, load_classifier, prompt_adherence, save_classifier, train_classifier
 from ldm.pipeline import LatentDiffusionPipeline
 
@@ -51,11 +51,14 @@ def main() -> None:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     pipe = LatentDiffusionPipeline.from_checkpoint(args.ckpt)
-    image_size = pipe.image_size
+    height, width = pipe.image_size  # the classifier is trained at the model's (square) image size
+    if height != width:
+        raise ValueError(f"the classifier needs square images; the model makes {height}×{width}")
+    image_size = height
     clf, test_acc = get_classifier(Path(args.classifier), args.data_root, image_size, args.classifier_seconds)
 
     t0 = time.time()
-    prompts = [args.template.format(c) for c in CLASS_NAMES]
+    prompts = [caption_for(c, args.template) for c in range(len(CLASS_NAMES))]  # "an ankle boot"
     result = pipe.text_to_image(prompts, n=args.per_class, sampler=args.sampler, steps=args.steps,
                                 guidance=args.guidance, seed=args.seed, batch_size=250, progress=False)
     images = result["images"]
