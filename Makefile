@@ -36,7 +36,7 @@ fmnist:
 	    echo "Fashion-MNIST not found in $(FMNIST_DIR): installing Debian's dataset-fashion-mnist"; \
 	    apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	else echo "Fashion-MNIST not found in $(FMNIST_DIR). Install it with 'sudo apt-get install dataset-fashion-mnist'" \
-	    "or put the four *-ubyte.gz IDX files there (or pass data.root=<dir>)."; exit 1; fi
+	    "or put the four *-ubyte.gz IDX files there (or pass data.train.root=<dir>)."; exit 1; fi
 
 demo: $(STAMP) fmnist
 	$(PY) scripts/demo.py

@@ -3,7 +3,8 @@ and report the share labelled as the prompted class beside the classifier's accu
 
     python benchmarks/prompt_adherence.py --ckpt outputs/demo/ldm/checkpoints/last.ckpt --per-class 100
 
-The classifier is trained once (about a minute on 2 CPU cores) and cached as safetensors.
+The classifier (width 16, 3 epochs: ≈91 % on the test split) is trained once (≈90 s on 2 CPU cores) and cached
+as safetensors.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def get_classifier(path: Path, root: str | None, image_size: int, seconds: float
     else:
         t0 = time.time()
         model = train_classifier(FashionMNIST(split="train", image_size=image_size, **kw), epochs=3,
-                                 max_seconds=seconds, image_size=image_size)
+                                 max_seconds=seconds, image_size=image_size, width=16)
         save_classifier(model, path)
         print(f"trained the classifier in {time.time() - t0:.0f} s → {path}")
     return model, accuracy_on(model, test_set)
@@ -40,12 +41,13 @@ def main() -> None:
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--sampler", default="dpmpp_2m")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=6.0)
     p.add_argument("--template", default="a photo of a {}")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--data-root", default=None)
     p.add_argument("--classifier", default="outputs/classifier/fmnist_cnn.safetensors")
-    p.add_argument("--classifier-seconds", type=float, default=90)
+    p.add_argument("--classifier-seconds", type=float, default=300,
+                   help="safety cap; a cut-off run ends its one-cycle LR early and loses accuracy")
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     args = p.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
