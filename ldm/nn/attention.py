@@ -13,6 +13,22 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.layers import group_norm, zero_module
 
+# On CPU, attention over few query×key pairs (8×8 and 4×4 maps attending to themselves or to a short caption) runs
+# 2-4× faster as two batched matmuls and a softmax than through SDPA's flash kernel, whose blocking only pays off for
+# long sequences (torch 2.13, 2 cores: (64, 2, 64, 64, 32) 0.9 vs 1.6 ms forward; (16, 2, 1024, 1024, 32) 137 vs
+# 38 ms). Above this many query×key pairs, and on every other device, attention goes through SDPA.
+CPU_SMALL_ATTENTION_PAIRS = 16384
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ / √d) v for (B, H, N, d) queries and (B, H, L, d) keys/values; mask (B, 1, 1, L), True = keep."""
+    if q.device.type != "cpu" or q.shape[-2] * k.shape[-2] > CPU_SMALL_ATTENTION_PAIRS:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(q.shape[-1] ** -0.5)
+    if mask is not None:  # expand_mask keeps at least one key per row, so no row is all -inf
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v)
+
 
 def expand_mask(context_mask: Tensor | None, batch: int, length: int) -> Tensor | None:
     """(B, L) bool key-padding mask (True = keep) -> (B, 1, 1, L) for SDPA; None stays None."""
@@ -52,7 +68,7 @@ class CrossAttention(nn.Module):
             q = self.to_q(x).view(b, n, h, d).transpose(1, 2)
             w = torch.cat([self.to_k.weight, self.to_v.weight])
             k, v = F.linear(context, w).view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, d)
+        out = attention(q, k, v, mask)  # (B, H, N, d)
         out = self.to_out[0](out.transpose(1, 2).reshape(b, n, h * d))
         return self.to_out[1](out) if self.to_out[1].p else out
 

@@ -288,3 +288,22 @@ def test_matches_diffusers_unet(overrides):
 def test_diffusers_key_mapping_rejects_unknown_keys():
     with pytest.raises(KeyError, match="add_embedding"):
         unet_state_dict_from_diffusers({"add_embedding.linear_1.weight": torch.zeros(1)}, 2)
+
+
+def test_channels_last_is_internal_and_matches_the_nchw_network():
+    cl, plain = randomize(tiny(attention_resolutions=[1, 2])), tiny(attention_resolutions=[1, 2], channels_last=False)
+    plain.load_state_dict(cl.state_dict())
+    conv_w = cl.input_blocks[0][0].weight
+    assert conv_w.is_contiguous(memory_format=torch.channels_last) and not conv_w.is_contiguous()
+    assert plain.input_blocks[0][0].weight.is_contiguous()
+    # loading NCHW weights (a checkpoint, SD weights) keeps the NHWC strides of the parameters
+    cl.load_state_dict({k: v.contiguous() for k, v in plain.state_dict().items()})
+    assert cl.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, t, ctx = inputs()
+    out_cl, out = cl(x, t, ctx), plain(x, t, ctx)
+    assert out_cl.is_contiguous() and out_cl.shape == out.shape
+    torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=1e-5)
+    out_cl.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(cl.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
