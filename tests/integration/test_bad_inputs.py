@@ -87,7 +87,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     f["wrong_arch_ckpt"] = d / "wrong_arch.ckpt"
     torch.save({"state_dict": wide.state_dict(), "hyper_parameters": hp}, f["wrong_arch_ckpt"])
     f["wrong_arch_export"] = small.export(d / "export")
-    save_file(wide.unet.state_dict(), str(f["wrong_arch_export"] / "unet.safetensors"))
+    save_file({k: v.contiguous() for k, v in wide.unet.state_dict().items()},  # safetensors wants contiguous
+              str(f["wrong_arch_export"] / "unet.safetensors"))
     # An autoencoder checkpoint where a LatentDiffusion one is expected (and vice versa for init-from).
     ae = AutoencoderKL({**ddconfig, "resolution": 32, "ch_mult": [1, 1, 1]}, embed_dim=4)
     f["autoencoder"] = d / "autoencoder.ckpt"
@@ -133,9 +134,12 @@ def test_sample_py_bad_checkpoints(files, tmp_path):
         (files["wrong_arch_export"], ("does not match the model architecture", "mismatched",
                                       "checkpoint (24, 4, 3, 3) vs model (16, 4, 3, 3)")),
         (files["autoencoder"], ("autoencoder checkpoint", "LatentDiffusion")),
+        (tmp_path / "empty.ckpt", ("empty or truncated (0 bytes)",)),
     ]
-    results = run_many("sample.py", [[f"ckpt={c}", "prompt=a bag", f"out={tmp_path / 'out'}", "device=cpu", "steps=2"]
-                                     for c, _ in cases])
-    check(results, [m for _, m in cases])
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    argv = [[f"ckpt={c}", "prompt=a bag", f"out={tmp_path / 'out'}", "device=cpu", "steps=2"] for c, _ in cases]
+    argv.append([f"ckpt={files['wrong_arch_ckpt']}", f"out={tmp_path / 'out'}"])  # neither prompt nor prompts_file
+    results = run_many("sample.py", argv)
+    check(results, [m for _, m in cases] + [('give prompt="..." or prompts_file=<file>',)])
     assert not files["marker"].exists(), "the pickled payload ran"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))

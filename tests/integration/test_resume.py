@@ -1,6 +1,6 @@
 """Exact resume through train.py: a run killed with SIGKILL and resumed with `ckpt_path=last` ends bit-identical to
-an uninterrupted run (weights, EMA, optimizer and scheduler state); SIGTERM saves before exit; old step
-checkpoints are rotated; a crash while saving leaves the previous checkpoint readable."""
+an uninterrupted run (weights, EMA, optimizer and scheduler state), for the autoencoder and the LDM.
+(SIGTERM/SIGUSR1, rotation and crash-while-saving are in test_signals.py.)"""
 
 from __future__ import annotations
 
