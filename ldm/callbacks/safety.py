@@ -1,4 +1,5 @@
-"""Keep a run's checkpoints trustworthy: save on SIGTERM/SIGUSR1 before exit, never save NaN weights."""
+"""Keep a run's checkpoints trustworthy: save on SIGTERM/SIGUSR1 (and submitit's preemption signal) before exit,
+never save NaN weights."""
 
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ log = logging.getLogger(__name__)
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143
 
 
+def submitit_preempt_signal() -> int | None:
+    """The signal a submitit job gets before its time limit or on preemption (USR2 unless overridden), or None."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    return getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+
+
 class NonFiniteWeightsError(RuntimeError):
     pass
 
@@ -26,13 +34,22 @@ class CheckpointSafety(pl.Callback):
     """SIGTERM (and SIGUSR1 outside SLURM) → `last.ckpt` at the next step boundary, then exit with status 143.
 
     Lightning turns SIGTERM into a SIGTERMException on every rank at a step boundary; this saves the
-    state there. Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job. A checkpoint whose
-    weights hold NaN/Inf is refused, so a diverged model never replaces a good checkpoint.
+    state there. Under SLURM, Lightning's own SIGUSR1 handler saves and requeues the job. In a submitit job
+    (hydra/launcher=submitit_slurm), submitit's preemption signal (USR2) is taken the same way: save `last.ckpt`
+    first, then hand the signal to submitit's own handler, which requeues the job (the requeued job resumes with
+    ckpt_path=last). A checkpoint whose weights hold NaN/Inf is refused, so a diverged model never replaces a
+    good checkpoint.
     """
 
     def __init__(self, check_finite: bool = True):
         self.check_finite = check_finite
         self._previous_usr1 = None
+        self._preempt: tuple[int, object] | None = None  # (signal, submitit's handler) while installed
+        self._pass_on = False
+
+    def _on_preempt(self, signum, frame) -> None:
+        self._pass_on = True  # after the save, on_exception hands the signal to submitit's handler
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_fabric.plugins.environments import SLURMEnvironment
@@ -43,11 +60,19 @@ class CheckpointSafety(pl.Callback):
                 self._previous_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
             except ValueError:  # not the main thread
                 self._previous_usr1 = None
+        if (sig := submitit_preempt_signal()) is not None:
+            try:
+                self._preempt = (sig, signal.signal(sig, self._on_preempt))
+            except ValueError:
+                self._preempt = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._previous_usr1 is not None:
             signal.signal(signal.SIGUSR1, self._previous_usr1)
             self._previous_usr1 = None
+        if self._preempt is not None:
+            signal.signal(*self._preempt)
+            self._preempt = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -61,6 +86,11 @@ class CheckpointSafety(pl.Callback):
         # Lightning re-raises this SystemExit with no code (exit status 0): report 128 + SIGTERM instead, as a
         # process ended by SIGTERM does, so that scripts and schedulers do not take the run for a finished one.
         exception.code = EXIT_SIGTERM
+        if self._pass_on and self._preempt is not None and callable(self._preempt[1]):
+            sig, handler = self._preempt
+            self._pass_on = False
+            log.warning("passing %s on to submitit's handler to requeue the job", signal.Signals(sig).name)
+            handler(sig, None)  # submitit: requeue and exit on rank 0; returns on the other ranks
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if not self.check_finite:

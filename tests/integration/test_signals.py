@@ -108,3 +108,44 @@ def test_crash_while_saving_leaves_previous_last_checkpoint_readable(fmnist_root
     last = checkpoint.load_file(ckpts / "last.ckpt")
     assert last["global_step"] == 2  # the previous save, intact
     assert checkpoint.load_file(ckpts / "step0000004.ckpt")["global_step"] == 4  # written before the crash
+
+
+FAKE_SUBMITIT = """
+import runpy, signal, sys
+from pathlib import Path
+
+marker = Path(sys.argv.pop(1))
+
+def submitit_handler(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+    last = marker.parent / "run" / "checkpoints" / "last.ckpt"
+    marker.write_text(f"{signal.Signals(signum).name} {last.stat().st_mtime if last.exists() else 0.0}")
+    sys.exit(3)  # submitit requeues, then exits
+
+signal.signal(signal.SIGUSR2, submitit_handler)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_submitit_preemption_signal_saves_then_reaches_submitits_handler(fmnist_root: Path, tmp_path: Path):
+    """Under submitit (SUBMITIT_EXECUTOR set), USR2 saves last.ckpt first, then submitit's own handler requeues."""
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    wrapper, marker = tmp_path / "fake_submitit.py", tmp_path / "requeued.txt"
+    wrapper.write_text(FAKE_SUBMITIT)
+    args = ae_args(fmnist_root, run_dir, 100_000, 2)
+    proc = subprocess.Popen([sys.executable, str(wrapper), str(marker), str(ROOT / "train.py"), *args], cwd=ROOT,
+                            env={**env(), "SUBMITIT_EXECUTOR": "slurm"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    wait_for(proc, ckpts / "step0000004.ckpt")
+    sent = time.time()
+    proc.send_signal(signal.SIGUSR2)
+    try:
+        out = proc.communicate(timeout=120)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"train.py did not exit after SIGUSR2:\n{proc.communicate()[0][-4000:]}") from None
+    assert "termination signal: saved" in out and "passing SIGUSR2 on to submitit" in out, out[-4000:]
+    name, mtime = marker.read_text().split()
+    assert name == "SIGUSR2" and float(mtime) >= sent - 0.01  # the handler ran after last.ckpt was saved
+    assert proc.returncode == 3, out[-4000:]
+    assert checkpoint.load_file(ckpts / "last.ckpt")["global_step"] >= 4
