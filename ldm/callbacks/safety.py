@@ -43,36 +43,35 @@ class CheckpointSafety(pl.Callback):
 
     def __init__(self, check_finite: bool = True):
         self.check_finite = check_finite
-        self._previous_usr1 = None
-        self._preempt: tuple[int, object] | None = None  # (signal, submitit's handler) while installed
-        self._pass_on = False
+        self._previous: dict[int, object] = {}  # signal → the handler it had before fit
+        self._pass_on: int | None = None  # a signal to hand to its previous handler once the checkpoint is saved
 
-    def _on_preempt(self, signum, frame) -> None:
-        self._pass_on = True  # after the save, on_exception hands the signal to submitit's handler
-        os.kill(os.getpid(), signal.SIGTERM)
+    def _redirect_to_sigterm(self, sig: int, pass_on: bool = False) -> None:
+        """Turn `sig` into SIGTERM (Lightning's save-at-the-next-step-boundary path); with pass_on, the handler
+        `sig` had before also runs once the checkpoint is saved (submitit requeues the job there)."""
+        def handler(signum, frame) -> None:
+            if pass_on:
+                self._pass_on = signum
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        try:
+            self._previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_fabric.plugins.environments import SLURMEnvironment
 
         under_slurm = isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
         if hasattr(signal, "SIGUSR1") and not under_slurm:
-            try:
-                self._previous_usr1 = signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-            except ValueError:  # not the main thread
-                self._previous_usr1 = None
+            self._redirect_to_sigterm(signal.SIGUSR1)
         if (sig := submitit_preempt_signal()) is not None:
-            try:
-                self._preempt = (sig, signal.signal(sig, self._on_preempt))
-            except ValueError:
-                self._preempt = None
+            self._redirect_to_sigterm(sig, pass_on=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._previous_usr1 is not None:
-            signal.signal(signal.SIGUSR1, self._previous_usr1)
-            self._previous_usr1 = None
-        if self._preempt is not None:
-            signal.signal(*self._preempt)
-            self._preempt = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
@@ -86,11 +85,10 @@ class CheckpointSafety(pl.Callback):
         # Lightning re-raises this SystemExit with no code (exit status 0): report 128 + SIGTERM instead, as a
         # process ended by SIGTERM does, so that scripts and schedulers do not take the run for a finished one.
         exception.code = EXIT_SIGTERM
-        if self._pass_on and self._preempt is not None and callable(self._preempt[1]):
-            sig, handler = self._preempt
-            self._pass_on = False
-            log.warning("passing %s on to submitit's handler to requeue the job", signal.Signals(sig).name)
-            handler(sig, None)  # submitit: requeue and exit on rank 0; returns on the other ranks
+        sig, self._pass_on = self._pass_on, None
+        if sig is not None and callable(previous := self._previous.get(sig)):
+            log.warning("passing %s on to its previous handler (submitit: requeue the job)", signal.Signals(sig).name)
+            previous(sig, None)  # submitit: requeue and exit on rank 0; returns on the other ranks
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         if not self.check_finite:
