@@ -122,3 +122,23 @@ def build_latent_cache(encode: Callable[[Tensor], object], data: Dataset | DataL
     cache = LatentCache(torch.cat(means), torch.cat(stds), captions, labels, base=base)
     log.info("latent cache: %d items of shape %s", len(cache), cache.latent_shape)
     return cache
+
+
+def load_or_build(build: Callable[[], LatentCache], data: Dataset | DataLoader, path: str | Path | None,
+                  trainer=None) -> LatentCache:
+    """`build()` the cache, or with `path`: load it if the file exists, else rank 0 builds and saves it while the
+    other ranks wait, then load it (every rank calls this; `trainer` gives world size, rank and barrier)."""
+    if path is None:
+        return build()
+    path = Path(path)
+    distributed = trainer is not None and trainer.world_size > 1
+    if not path.is_file() and (not distributed or trainer.is_global_zero):
+        build().save(path)
+    if distributed:
+        trainer.strategy.barrier("latent_cache")
+    base = data.dataset if isinstance(data, DataLoader) else data
+    cache = LatentCache.load(path, base=base if hasattr(base, "__getitem__") else None)
+    if cache.base is not None and len(cache) != len(base):
+        raise ValueError(f"latent cache {path} has {len(cache)} items but the dataset {len(base)}; "
+                         "delete it to rebuild")
+    return cache

@@ -24,7 +24,7 @@ from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.models import ldm_parts as parts
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
-from ldm.models.latent_cache import LatentCache, build_latent_cache
+from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
 from ldm.nn.text_encoder import pad_context
 
 log = logging.getLogger(__name__)
@@ -265,23 +265,9 @@ class LatentDiffusion(pl.LightningModule):
         dm.datasets["train"] = self.cache_latents(train, path=self.hparams.latent_cache_path)
 
     def cache_latents(self, data, path: str | Path | None = None, batch_size: int = 256) -> LatentCache:
-        """Posterior (mean, std) of every training item, computed once. With `path`: loaded if the file
-        exists, else rank 0 computes and saves it and the other ranks load it (all ranks call this)."""
-        base = data.dataset if isinstance(data, torch.utils.data.DataLoader) else data
-        path = Path(path) if path else None
-        trainer = self._trainer
-        distributed = trainer is not None and trainer.world_size > 1
-        if path is not None and not path.is_file() and (not distributed or trainer.is_global_zero):
-            self._compute_cache(data, batch_size).save(path)
-        if path is not None:
-            if distributed:
-                trainer.strategy.barrier("latent_cache")
-            cache = LatentCache.load(path, base=base if hasattr(base, "__getitem__") else None)
-            if cache.base is not None and len(cache) != len(base):
-                raise ValueError(f"latent cache {path} has {len(cache)} items but the dataset {len(base)}; "
-                                 "delete it to rebuild")
-            return cache
-        return self._compute_cache(data, batch_size)
+        """Posterior (mean, std) of every training item, computed once; with `path`, saved there by rank 0 and
+        reused (latent_cache.load_or_build; all ranks call this)."""
+        return load_or_build(lambda: self._compute_cache(data, batch_size), data, path, self._trainer)
 
     def _compute_cache(self, data, batch_size: int) -> LatentCache:
         was_training = self.training
