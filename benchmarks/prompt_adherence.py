@@ -29,7 +29,7 @@ def get_classifier(path: Path, root: str | None, image_size: int, seconds: float
     else:
         t0 = time.time()
         model = train_classifier(FashionMNIST(split="train", image_size=image_size, **kw), epochs=3,
-                                 max_seconds=seconds, image_size=image_size, width=16)
+                                 max_seconds=seconds, image_size=image_size)
         save_classifier(model, path)
         print(f"trained the classifier in {time.time() - t0:.0f} s → {path}")
     return model, accuracy_on(model, test_set)

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class SmallCNN(nn.Module):
     """Two conv stages and a linear head; width 16, 3 epochs: ≈91 % on Fashion-MNIST in ≈90 s of 2 CPU cores."""
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32, image_size: int = 32):
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 16, image_size: int = 32):
         super().__init__()
         w = width
         self.features = nn.Sequential(
