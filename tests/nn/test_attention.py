@@ -111,21 +111,25 @@ def test_spatial_transformer_proj_out_is_zero_initialised():
 
 
 @pytest.mark.parametrize("n,keys", [(64, 64), (16, 7), (130, 130)])  # the last is above the small-problem limit
-def test_small_cpu_attention_path_matches_sdpa(n, keys):
+def test_small_cpu_attention_path_matches_sdpa(n, keys, monkeypatch):
     from ldm.nn.attention import CPU_SMALL_ATTENTION_PAIRS, attention
 
+    sdpa, calls = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, s, 8, generator=g, requires_grad=True) for s in (n, keys, keys))
     keep = torch.arange(keys)[None] < torch.tensor([keys, 3, 1])[:, None]
     mask = keep[:, None, None, :]
     out = attention(q, k, v, mask)
+    small = n * keys <= CPU_SMALL_ATTENTION_PAIRS
+    assert calls == ([] if small else [1])  # the small problem really took the matmul-softmax path
     qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    ref = torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask)
+    ref = sdpa(qr, kr, vr, attn_mask=mask)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     go = torch.randn(out.shape, generator=g)
     out.backward(go)
     ref.backward(go)
     for a, b in ((q, qr), (k, kr), (v, vr)):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
-    assert (n * keys <= CPU_SMALL_ATTENTION_PAIRS) == (n < 130)  # both paths are exercised
+    assert small == (n < 130)  # both paths are exercised
     assert v.grad[1, :, 3:].abs().max() == 0  # masked keys get no gradient

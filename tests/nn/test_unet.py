@@ -299,8 +299,12 @@ def test_channels_last_is_internal_and_matches_the_nchw_network():
     # loading NCHW weights (a checkpoint, SD weights) keeps the NHWC strides of the parameters
     cl.load_state_dict({k: v.contiguous() for k, v in plain.state_dict().items()})
     assert cl.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    layouts = []
+    cl.input_blocks[1].register_forward_hook(
+        lambda m, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
     x, t, ctx = inputs()
     out_cl, out = cl(x, t, ctx), plain(x, t, ctx)
+    assert layouts == [True]  # feature maps inside the network are NHWC
     assert out_cl.is_contiguous() and out_cl.shape == out.shape
     torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=1e-5)
     out_cl.square().sum().backward()
