@@ -19,6 +19,12 @@ from ldm.nn.layers import group_norm, zero_module
 # 38 ms). Above this many query×key pairs, and on every other device, attention goes through SDPA.
 CPU_SMALL_ATTENTION_PAIRS = 16384
 
+# Without autograd on CPU, the feed-forward runs over row chunks whose GEGLU intermediates (rows × 4·dim values)
+# take about this many bytes each, so that they stay in a core's L2 cache instead of streaming through memory
+# (torch 2.13, 2 cores: FF of 16 × 1024 tokens × 64 ch 22 → 13.5 ms; 32×32 sampling step of the benchmark U-Net
+# 520 → 471 ms). Training keeps one pass: autograd saves the intermediates anyway.
+CPU_FF_CHUNK_BYTES = 1 << 20
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """softmax(q kᵀ / √d) v for (B, H, N, d) queries and (B, H, L, d) keys/values; mask (B, 1, 1, L), True = keep."""
@@ -113,7 +119,19 @@ class BasicTransformerBlock(nn.Module):
         x = x + self.attn1(self.norm1(x))
         # without a context (context_dim=None) attn2 is a second self-attention, as in LDM
         x = x + self.attn2(self.norm2(x), context, mask)
-        return x + self.ff(self.norm3(x))
+        return self._ff_residual(x)
+
+    def _ff_residual(self, x: Tensor) -> Tensor:
+        """x + ff(norm3(x)); on CPU without autograd, over cache-sized row chunks (CPU_FF_CHUNK_BYTES)."""
+        flat = x.reshape(-1, x.shape[-1])
+        rows = max(1, CPU_FF_CHUNK_BYTES // (self.ff.net[2].in_features * x.element_size()))
+        if torch.is_grad_enabled() or x.device.type != "cpu" or flat.shape[0] <= rows:
+            return x + self.ff(self.norm3(x))
+        out = torch.empty_like(flat)
+        for start in range(0, flat.shape[0], rows):
+            chunk = flat[start:start + rows]
+            torch.add(chunk, self.ff(self.norm3(chunk)), out=out[start:start + rows])
+        return out.view_as(x)
 
 
 class SpatialTransformer(nn.Module):

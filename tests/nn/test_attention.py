@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.nn.attention import GEGLU, CrossAttention, SpatialTransformer, expand_mask
+from ldm.nn.attention import GEGLU, BasicTransformerBlock, CrossAttention, SpatialTransformer, expand_mask
 
 
 def naive_attention(attn: CrossAttention, x, context=None, keep=None):
@@ -133,3 +133,20 @@ def test_small_cpu_attention_path_matches_sdpa(n, keys, monkeypatch):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5)
     assert small == (n < 130)  # both paths are exercised
     assert v.grad[1, :, 3:].abs().max() == 0  # masked keys get no gradient
+
+
+@pytest.mark.parametrize("rows", [7, 120, 500])  # chunks that do not divide the 120 rows, one chunk, no chunking
+def test_feed_forward_row_chunks_without_grad_match_one_pass(rows, monkeypatch):
+    import ldm.nn.attention as attention_module
+
+    block = BasicTransformerBlock(32, heads=2, dim_head=16, context_dim=24).eval()
+    x, ctx = torch.randn(3, 40, 32), torch.randn(3, 5, 24)
+    ref = block(x, ctx).detach()  # grad enabled: one pass through the feed-forward
+    inner = block.ff.net[2].in_features
+    monkeypatch.setattr(attention_module, "CPU_FF_CHUNK_BYTES", rows * inner * x.element_size())
+    calls = []
+    block.ff.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].numel() // 32))
+    with torch.no_grad():
+        out = block(x, ctx)
+    assert calls == ([120] if rows >= 120 else [rows] * 17 + [1])  # really chunked, every row once
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
