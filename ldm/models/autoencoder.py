@@ -203,6 +203,12 @@ class AutoencoderKL(pl.LightningModule):
         if self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps:
             self._final_scale_factor()  # in the last step, so that the final checkpoint holds it
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.save_to(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.load_from(checkpoint)
+
     def on_train_end(self) -> None:
         if not self._scale_factor_fresh:  # training stopped another way (max_epochs, max_time, ...)
             self._final_scale_factor()

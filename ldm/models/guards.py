@@ -44,3 +44,15 @@ class NonFiniteGuard:
         if module is not None and trainer is not None:
             module.log("train/nonfinite_skipped", float(self.skipped), on_step=True, prog_bar=False)
         return finite
+
+    # The counts travel in checkpoints, so that train/nonfinite_skipped and a run of bad steps survive a resume.
+    CHECKPOINT_KEY = "nonfinite_guard"
+
+    def save_to(self, checkpoint: dict) -> None:
+        checkpoint[self.CHECKPOINT_KEY] = {"skipped": self.skipped, "consecutive": self.consecutive}
+
+    def load_from(self, checkpoint: dict) -> None:
+        """Restore the counts (checkpoints written before they were saved leave them at zero)."""
+        state = checkpoint.get(self.CHECKPOINT_KEY)
+        if state is not None:
+            self.skipped, self.consecutive = int(state["skipped"]), int(state["consecutive"])

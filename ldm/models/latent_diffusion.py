@@ -371,8 +371,10 @@ class LatentDiffusion(pl.LightningModule):
     # ---- checkpoints -----------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["first_stage_config"] = parts.first_stage_config(self.first_stage, self.scale_factor)
+        self.guard.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.guard.load_from(checkpoint)
         saved = (checkpoint.get("first_stage_config") or {}).get("scale_factor")
         if saved is not None and abs(float(saved) - self.scale_factor) > 1e-6 * abs(self.scale_factor):
             log.warning("checkpoint was trained with scale_factor=%.6g but the config gives %.6g: using the "

@@ -70,11 +70,11 @@ def ldm_case(ae_dir):
 CASES = {"autoencoder": ae_case, "latent_diffusion": ldm_case}
 
 
-def fit(trainer: pl.Trainer, model, data: dict) -> None:
+def fit(trainer: pl.Trainer, model, data: dict, ckpt_path: str | None = None) -> None:
     if "dm" in data:
-        trainer.fit(model, datamodule=data["dm"])
+        trainer.fit(model, datamodule=data["dm"], ckpt_path=ckpt_path)
     else:
-        trainer.fit(model, **data)
+        trainer.fit(model, **data, ckpt_path=ckpt_path)
 
 
 def poison_loss(monkeypatch, model, name: str, bad_calls: set[int], value=float("nan")) -> list[int]:
@@ -182,3 +182,21 @@ def test_nan_weights_are_never_saved_as_best_or_last(name, ae_dir, tmp_path, mon
         sd = checkpoint.load_file(ckpt_dir / f)["state_dict"]
         assert all(torch.isfinite(v).all() for v in sd.values() if v.is_floating_point()), f
     assert checkpoint.load_file(ckpt_dir / "last.ckpt")["global_step"] == 2
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_skipped_step_count_survives_a_resume(name, ae_dir, tmp_path, monkeypatch):
+    model, loss_fn, data = CASES[name](ae_dir)
+    poison_loss(monkeypatch, model, loss_fn, bad_calls={1})
+    ckpt_dir = tmp_path / "checkpoints"
+    saver = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_train_steps=1)
+    fit(make_trainer(tmp_path, 3, [saver], enable_checkpointing=True, limit_train_batches=6, max_epochs=1),
+        model, data())
+    assert model.guard.skipped == 1
+    assert checkpoint.load_file(ckpt_dir / "last.ckpt")["nonfinite_guard"] == {"skipped": 1, "consecutive": 0}
+    resumed, _, data = CASES[name](ae_dir)
+    snaps = Snapshots()
+    fit(make_trainer(tmp_path, 5, [snaps], limit_train_batches=6, max_epochs=1), resumed, data(),
+        ckpt_path=str(ckpt_dir / "last.ckpt"))
+    assert snaps.rows and all(float(m["train/nonfinite_skipped"]) == 1.0 for _, _, m in snaps.rows)
+    assert resumed.guard.skipped == 1
