@@ -34,9 +34,22 @@ def wandb_offline() -> bool:
     return not (netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"))
 
 
+def launch_num_nodes(default: int = 2) -> int:
+    """Nodes of this job as its launcher says: SLURM_NNODES (srun, submitit), else torchrun's
+    WORLD_SIZE / LOCAL_WORLD_SIZE; `default` when neither is set (a config composed outside a job)."""
+    env = os.environ
+    if env.get("SLURM_NNODES", "").isdigit():
+        return int(env["SLURM_NNODES"])
+    world, local = env.get("WORLD_SIZE", ""), env.get("LOCAL_WORLD_SIZE", "")
+    if world.isdigit() and local.isdigit() and int(local) > 0 and int(world) % int(local) == 0:
+        return int(world) // int(local)
+    return default
+
+
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("ldm_wandb_offline"):
-        OmegaConf.register_new_resolver("ldm_wandb_offline", wandb_offline)
+    for name, fn in (("ldm_wandb_offline", wandb_offline), ("ldm_num_nodes", launch_num_nodes)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 def prepare_argv(argv: list[str] | None = None) -> list[str]:

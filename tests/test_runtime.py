@@ -1,5 +1,6 @@
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +65,25 @@ def test_link_latest(tmp_path):
     run2.mkdir()
     runtime.link_latest(task, run2)
     assert os.readlink(task / "latest") == os.path.join("runs", "r2")
+
+
+@pytest.mark.parametrize("env,nodes", [
+    ({}, 2),                                                          # composed outside a job: the default
+    ({"SLURM_NNODES": "5"}, 5),                                       # srun / submitit
+    ({"WORLD_SIZE": "12", "LOCAL_WORLD_SIZE": "4"}, 3),               # torchrun --nnodes=3 --nproc-per-node=4
+    ({"WORLD_SIZE": "12", "LOCAL_WORLD_SIZE": "4", "SLURM_NNODES": "3"}, 3),
+    ({"WORLD_SIZE": "10", "LOCAL_WORLD_SIZE": "4"}, 2),               # uneven: not a node count, the default
+])
+def test_multinode_trainer_takes_the_node_count_from_the_launcher(env, nodes, monkeypatch):
+    from hydra import compose, initialize_config_dir
+
+    for var in ("SLURM_NNODES", "SLURM_NTASKS_PER_NODE", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    runtime.register_resolvers()
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(str(conf), version_base="1.3"):
+        cfg = compose("train", overrides=["trainer=multinode"])
+    assert cfg.trainer.num_nodes == nodes
+    assert cfg.trainer.devices == int(env.get("LOCAL_WORLD_SIZE", -1))

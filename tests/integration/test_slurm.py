@@ -111,6 +111,7 @@ def test_sbatch_two_nodes_use_lightning_slurm_environment_then_requeue_resumes(s
 
 
 def compose_launcher(overrides: list[str], tmp_path: Path):
+    runtime.register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["hydra/launcher=submitit_slurm", f"hydra.sweep.dir={tmp_path}", *overrides],
                       return_hydra_config=True)
