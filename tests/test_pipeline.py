@@ -142,3 +142,15 @@ def test_sample_py_end_to_end(export_dir, tmp_path):
         args = [f"ckpt={export_dir / 'export'}", f"out={tmp_path / 'bad'}", *args]
         proc = run_sample(args)
         assert proc.returncode != 0 and message in proc.stderr + proc.stdout, (args, proc.stderr[-2000:])
+
+
+def test_device_choice(monkeypatch):
+    from ldm.pipeline import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu") == torch.device("cpu")
+    for asked in ("cuda", "cuda:1"):
+        with pytest.raises(RuntimeError, match=f"device={asked} asked for but CUDA is not available"):
+            resolve_device(asked)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")

@@ -200,3 +200,46 @@ def test_skipped_step_count_survives_a_resume(name, ae_dir, tmp_path, monkeypatc
         ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert snaps.rows and all(float(m["train/nonfinite_skipped"]) == 1.0 for _, _, m in snaps.rows)
     assert resumed.guard.skipped == 1
+
+
+def _guard_rank(rank: int, port: int, results) -> None:
+    """One of two gloo ranks: rank 1's loss is NaN at its second step, rank 0's never is."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    class Strategy:  # what Lightning's DDP strategy does with reduce_boolean_decision(all=True)
+        def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+            t = torch.tensor(int(decision))
+            dist.all_reduce(t, op=dist.ReduceOp.MIN if all else dist.ReduceOp.MAX)
+            return bool(t)
+
+    class Trainer:
+        world_size, global_step, strategy = 2, 0, Strategy()
+
+    class Module:
+        _trainer = Trainer()
+
+        def log(self, *args, **kwargs):
+            pass
+
+    guard, decisions = NonFiniteGuard(), []
+    for step in range(3):
+        bad = rank == 1 and step == 1
+        decisions.append(guard.check(torch.tensor(float("nan") if bad else 1.0), Module()))
+    results[rank] = (decisions, guard.skipped)
+    dist.destroy_process_group()
+
+
+def test_non_finite_loss_on_one_rank_skips_the_step_on_every_rank():
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_guard_rank, args=(port, results), nprocs=2, join=True)
+    # Rank 0's loss was finite, but it skips with rank 1, or DDP's gradient all-reduce would wait forever.
+    assert results[0] == results[1] == ([True, False, True], 1)
