@@ -347,3 +347,15 @@ def test_datamodule_batches_match_fashion_mnist_keys(tmp_path: Path):
     assert all(c.startswith("caption ") for c in b["caption"])
     one = collate([ImageFolder(tmp_path, image_size=8, mode="L")[0]])
     assert one["image"].shape == (1, 1, 8, 8)
+
+
+def test_a_mode_convert_image_does_not_know_is_skipped_and_counted(tmp_path: Path, monkeypatch):
+    # Every mode Pillow gives for png/jpeg/webp today is handled; a new one must be skipped, not crash a worker.
+    import ldm.data.image_folder as image_folder
+
+    monkeypatch.setattr(image_folder, "SUPPORTED_MODES", image_folder.SUPPORTED_MODES - {"CMYK"})
+    save(tmp_path, "rgb.png", noise())
+    save(tmp_path, "cmyk.jpg", noise().convert("CMYK"))
+    ds = ImageFolder(tmp_path, image_size=8)
+    assert ds.files == ["rgb.png"] and ds.skipped == {"unsupported_mode": 1}
+    assert ds.skipped_files == [("cmyk.jpg", "unsupported_mode")]
