@@ -13,7 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ldm import runtime
+from ldm import config_check, runtime
 
 log = logging.getLogger("sample")
 runtime.register_resolvers()
@@ -36,6 +36,7 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    config_check.check_types(cfg, keys=(), plain=config_check.SAMPLE_KEYS)  # `steps=abc` named before any work
     prompts = read_prompts(cfg)  # bad prompts fail before the heavy imports
     from ldm.pipeline import LatentDiffusionPipeline
 

@@ -44,7 +44,8 @@ def build_loggers(cfg: DictConfig, resume_meta: dict) -> list:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    config_check.check_types(cfg)  # `trainer.max_steps=abc` named here, not deep inside Lightning
+    # `trainer.max_steps=abc` or `seed=abc` named here, not deep inside Lightning
+    config_check.check_types(cfg, plain=config_check.TRAIN_KEYS)
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name

@@ -49,8 +49,25 @@ def _hints(target: str) -> dict:
         return {}
 
 
-def check_types(cfg: DictConfig, keys: typing.Iterable[str] = ("data", "model", "trainer")) -> None:
-    """Raise ConfigTypeError naming every value of the wrong type under `keys` (dotted paths in the message)."""
+# Plain keys of the entry points' own configs (conf/train.yaml, conf/sample.yaml), which no `_target_` signature
+# covers: dotted key -> the types it may hold. Free text (prompts, paths given as numbers) is left alone.
+_NULL = type(None)
+TRAIN_KEYS = {"task_name": (str,), "seed": (int,), "ckpt_path": (str, _NULL), "init_from.path": (str, _NULL),
+              "init_from.strict": (bool,), "train": (bool,), "test": (bool,), "export": (bool,),
+              "compile": (bool,), "trust_checkpoint": (bool,)}
+SAMPLE_KEYS = {"n": (int,), "batch_size": (int,), "steps": (int,), "guidance": (float,),
+               "guidance_rescale": (float,), "seed": (int,), "height": (int, _NULL), "width": (int, _NULL),
+               "use_ema": (bool,), "progress": (bool,), "trust_checkpoint": (bool,)}
+
+
+def _type_names(allowed: tuple[type, ...]) -> str:
+    return " or ".join(sorted({"null" if t is _NULL else t.__name__ for t in allowed}))
+
+
+def check_types(cfg: DictConfig, keys: typing.Iterable[str] = ("data", "model", "trainer"),
+                plain: dict[str, tuple[type, ...]] | None = None) -> None:
+    """Raise ConfigTypeError naming every value of the wrong type under `keys` (checked against the signatures
+    of their `_target_`s) and among the `plain` dotted keys (checked against the types given there)."""
     problems: list[str] = []
 
     def visit(node, path: str) -> None:
@@ -63,8 +80,7 @@ def check_types(cfg: DictConfig, keys: typing.Iterable[str] = ("data", "model", 
                 if not isinstance(child, (DictConfig, ListConfig)) and key in hints:
                     allowed = _allowed(hints[key])
                     if allowed is not None and not _fits(child, allowed):
-                        names = " or ".join(sorted({"null" if t is type(None) else t.__name__ for t in allowed}))
-                        problems.append(f"{path}.{key}={child!r}: expected {names}")
+                        problems.append(f"{path}.{key}={child!r}: expected {_type_names(allowed)}")
                 visit(child, f"{path}.{key}")
         elif isinstance(node, ListConfig):
             for i, child in enumerate(node):
@@ -74,5 +90,9 @@ def check_types(cfg: DictConfig, keys: typing.Iterable[str] = ("data", "model", 
         node = cfg.get(key)
         if node is not None:
             visit(OmegaConf.create(OmegaConf.to_container(node, resolve=True)), key)
+    for key, allowed in (plain or {}).items():
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if not isinstance(value, (DictConfig, ListConfig)) and not _fits(value, allowed):
+            problems.append(f"{key}={value!r}: expected {_type_names(allowed)}")
     if problems:
         raise ConfigTypeError("wrong type in the config (fix the override or the YAML):\n  " + "\n  ".join(problems))
