@@ -154,3 +154,16 @@ def test_device_choice(monkeypatch):
             resolve_device(asked)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto") == torch.device("cuda")
+
+
+def test_sample_py_empty_and_over_long_prompts(export_dir, tmp_path):
+    base = [f"ckpt={export_dir / 'export'}", "n=1", "steps=2", "device=cpu"]
+    proc = run_sample([*base, "prompt=", f"out={tmp_path / 'empty'}"])  # the shell's prompt=""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 empty prompt(s): those images are unconditional samples" in proc.stderr + proc.stdout
+    assert json.loads((tmp_path / "empty" / "metadata.json").read_text())["images"][0]["prompt"] == ""
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text("a bag " * 200 + "\n")
+    proc = run_sample([*base, f"prompts_file={long_prompt}", f"out={tmp_path / 'long'}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "are truncated" in proc.stderr + proc.stdout and len(list((tmp_path / "long").glob("0000*.png"))) == 1
