@@ -56,8 +56,10 @@ def main(cfg: DictConfig) -> None:
     log.info("Instantiating model <%s>", cfg.model._target_)
     model = instantiate(cfg.model, _convert_="all")
     if cfg.init_from.path:
-        checkpoint.init_from(model, cfg.init_from.path, rename=cfg.init_from.rename,
-                             ignore=list(cfg.init_from.ignore), strict=cfg.init_from.strict, trust=trust)
+        report = checkpoint.init_from(model, cfg.init_from.path, rename=cfg.init_from.rename,
+                                      ignore=list(cfg.init_from.ignore), strict=cfg.init_from.strict, trust=trust)
+        log.info("init_from %s: weights loaded; %s", cfg.init_from.path,
+                 ", ".join(f"{len(keys)} {what}" for what, keys in report.items()) + " keys")
     if cfg.compile and hasattr(model, "compile_network"):
         model.compile_network()
 

@@ -143,3 +143,27 @@ def test_sample_py_bad_checkpoints(files, tmp_path):
     check(results, [m for _, m in cases] + [('give prompt="..." or prompts_file=<file>',)])
     assert not files["marker"].exists(), "the pickled payload ran"
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*.png"))
+
+
+def test_train_py_init_from_loads_weights_with_rename_and_ignore(fmnist_root, tmp_path):
+    """The good path of init_from through train.py: a run's checkpoint into a fresh run, whole, without the
+    decoder, and with the encoder renamed away."""
+    import re
+
+    base = ["experiment=fmnist_autoencoder", "trainer.max_steps=1", *TINY_AE, *QUICK, *data_overrides(fmnist_root)]
+    source = tmp_path / "source" / "checkpoints" / "last.ckpt"
+    cases = [[f"init_from.path={source}", *extra]
+             for extra in ([], ["init_from.ignore=[net.decoder.]"], ["++init_from.rename={net.encoder.:old.}"])]
+    runs = [[f"hydra.run.dir={tmp_path / 'source'}", *base]]
+    runs += [[f"hydra.run.dir={tmp_path / str(i)}", *base, *c] for i, c in enumerate(cases)]
+    results = run_many("train.py", runs)
+    assert all(r["rc"] == 0 for r in results), [r["output"][-3000:] for r in results if r["rc"]]
+    counts = []
+    for r in results[1:]:
+        found = re.search(r"weights loaded; (\d+) missing, (\d+) unexpected, (\d+) mismatched keys", r["output"])
+        assert found, r["output"][-3000:]
+        counts.append(tuple(int(g) for g in found.groups()))
+    whole, no_decoder, renamed = counts
+    assert whole == (0, 0, 0)
+    assert no_decoder[0] > 0 and no_decoder[1:] == (0, 0)  # the decoder starts fresh, nothing else is off
+    assert renamed[0] == renamed[1] > 0 and renamed[2] == 0  # encoder keys: unknown under the new name, missing
