@@ -95,6 +95,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
     torch.save({"state_dict": ae.state_dict(), "hyper_parameters": dict(ae.hparams)}, f["autoencoder"])
     f["image"] = d / "picture.ckpt"
     f["image"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(200))
+    # An exported folder whose U-Net weights were cut off half-way (a copy that did not finish).
+    f["truncated_export"] = small.export(d / "export_truncated")
+    unet_file = f["truncated_export"] / "unet.safetensors"
+    unet_file.write_bytes(unet_file.read_bytes()[: unet_file.stat().st_size // 2])
     return f
 
 
@@ -115,6 +119,7 @@ def test_train_py_bad_inputs(files, fmnist_root, tmp_path):
         ([f"init_from.path={files['evil']}"], ("refused to load", "trust_checkpoint=true")),
         ([f"init_from.path={files['truncated']}"], ("truncated or corrupt",)),
         ([f"init_from.path={files['image']}"], ("is not a checkpoint",)),
+        (["init_from.path=/nonexistent/other.ckpt"], ("/nonexistent/other.ckpt does not exist",)),
         ([f"init_from.path={files['wrong_arch_ckpt']}", "init_from.strict=true"],
          ("does not match the model architecture", "missing", "unexpected")),
     ]
@@ -135,6 +140,7 @@ def test_sample_py_bad_checkpoints(files, tmp_path):
                                       "checkpoint (24, 4, 3, 3) vs model (16, 4, 3, 3)")),
         (files["autoencoder"], ("autoencoder checkpoint", "LatentDiffusion")),
         (tmp_path / "empty.ckpt", ("empty or truncated (0 bytes)",)),
+        (files["truncated_export"], ("unet.safetensors: unreadable safetensors file",)),
     ]
     (tmp_path / "empty.ckpt").write_bytes(b"")
     argv = [[f"ckpt={c}", "prompt=a bag", f"out={tmp_path / 'out'}", "device=cpu", "steps=2"] for c, _ in cases]
