@@ -64,7 +64,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     ddconfig = {"in_channels": 1, "out_ch": 1, "resolution": 16, "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1,
                 "attn_resolutions": [], "mid_attn": False, "dropout": 0.0, "z_channels": 4, "double_z": True,
                 "norm_groups": 4}
-    ae_dir = save_pretrained(AutoencoderKLNet(ddconfig, 4), d / "ae", scale_factor=0.5)
+    ae_dir = f["ae_dir"] = save_pretrained(AutoencoderKLNet(ddconfig, 4), d / "ae", scale_factor=0.5)
 
     def ldm(channels: int) -> LatentDiffusion:
         unet = {"in_channels": 4, "out_channels": 4, "model_channels": channels, "channel_mult": [1],
@@ -126,6 +126,23 @@ def test_train_py_bad_inputs(files, fmnist_root, tmp_path):
     results = run_many("train.py", [args(i, *a) for i, (a, _) in enumerate(cases)])
     check(results, [m for _, m in cases])
     assert not files["marker"].exists(), "the pickled payload ran"
+
+
+def test_train_py_latent_diffusion_parts_that_do_not_fit(files, fmnist_root, tmp_path):
+    def args(i: int, *extra: str) -> list[str]:
+        return ["experiment=fmnist_ldm", f"hydra.run.dir={tmp_path / str(i)}", "trainer.max_steps=1", *QUICK,
+                *data_overrides(fmnist_root), *extra]
+
+    ae = f"model.first_stage={files['ae_dir']}"
+    cases = [
+        (["model.first_stage=/nonexistent/export"], ("model.first_stage:", "/nonexistent/export")),
+        ([ae, "model.unet.in_channels=3"], ("the first stage's latents have 4 channels but the U-Net has "
+                                            "in_channels=3: set model.unet.in_channels=4",)),
+        ([ae, "model.unet.context_dim=32"], ("384-d context but the U-Net has context_dim=32",
+                                             "set model.unet.context_dim=384")),
+    ]
+    results = run_many("train.py", [args(i, *a) for i, (a, _) in enumerate(cases)])
+    check(results, [m for _, m in cases])
 
 
 def test_sample_py_bad_checkpoints(files, tmp_path):
