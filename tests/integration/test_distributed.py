@@ -166,3 +166,12 @@ def test_torchrun_two_nodes(name, fmnist_root, reference, tmp_path):
     assert len(rank1_dirs) == 1
     assert sorted(p.name for p in rank1_dirs[0].rglob("*")) == ["train_rank1.log"]  # no checkpoints, images, csv
     assert_matches_reference(weights, runs[0], ref)
+
+
+def test_a_global_batch_that_does_not_divide_across_ranks_stops_both(fmnist_root, tmp_path):
+    proc = run_train(["experiment=fmnist_autoencoder", *TINY_AE, *QUICK, *data_overrides(fmnist_root, batch_size=3),
+                      "trainer=ddp_sim", "trainer.max_steps=1", f"hydra.run.dir={tmp_path}"], check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "data.batch_size=3 (global) does not divide across 2 ranks; use a multiple of 2" in out, out[-3000:]
+    assert not (tmp_path / "checkpoints").exists() or not list((tmp_path / "checkpoints").glob("*.ckpt"))
