@@ -3,7 +3,7 @@ checkpoint carrying pickled code is refused by train.py (resume and init-from) a
 
 The command lines run through `_run_many.py`: train.py / sample.py executed as `__main__` with the given argv, one
 process per script, so a dozen quick failures pay the import cost once. The full list of bad-input cases and the
-test for each: bad_input_table.md (the issue's closing note). Image-folder cases: tests/data/test_image_folder.py;
+test for each: docs/bad_input.md. Image-folder cases: tests/data/test_image_folder.py;
 prompts: tests/test_pipeline.py; checkpoint files in-process: tests/test_checkpoint.py; NaN/Inf:
 tests/models/test_guards.py; signals and crashes while saving: test_signals.py.
 """
