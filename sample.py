@@ -38,6 +38,8 @@ def read_prompts(cfg: DictConfig) -> list[str]:
 def main(cfg: DictConfig) -> None:
     config_check.check_types(cfg, keys=(), plain=config_check.SAMPLE_KEYS)  # `steps=abc` named before any work
     prompts = read_prompts(cfg)  # bad prompts fail before the heavy imports
+    if cfg.tune_malloc:
+        runtime.tune_malloc()
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, device=cfg.device, trust=cfg.trust_checkpoint,

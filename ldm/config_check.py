@@ -54,10 +54,10 @@ def _hints(target: str) -> dict:
 _NULL = type(None)
 TRAIN_KEYS = {"task_name": (str,), "seed": (int,), "ckpt_path": (str, _NULL), "init_from.path": (str, _NULL),
               "init_from.strict": (bool,), "train": (bool,), "test": (bool,), "export": (bool,),
-              "compile": (bool,), "trust_checkpoint": (bool,)}
+              "compile": (bool,), "trust_checkpoint": (bool,), "tune_malloc": (bool,)}
 SAMPLE_KEYS = {"n": (int,), "batch_size": (int,), "steps": (int,), "guidance": (float,),
                "guidance_rescale": (float,), "seed": (int,), "height": (int, _NULL), "width": (int, _NULL),
-               "use_ema": (bool,), "progress": (bool,), "trust_checkpoint": (bool,)}
+               "use_ema": (bool,), "progress": (bool,), "trust_checkpoint": (bool,), "tune_malloc": (bool,)}
 
 
 def _type_names(allowed: tuple[type, ...]) -> str:

@@ -87,3 +87,32 @@ def test_multinode_trainer_takes_the_node_count_from_the_launcher(env, nodes, mo
         cfg = compose("train", overrides=["trainer=multinode"])
     assert cfg.trainer.num_nodes == nodes
     assert cfg.trainer.devices == int(env.get("LOCAL_WORLD_SIZE", -1))
+
+
+def test_tune_malloc_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: Libc())
+    assert runtime.tune_malloc() is True
+    assert calls == [(-3, 256 << 20), (-1, 1 << 30)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD of <malloc.h>
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "4096")  # the user's own setting wins
+    assert runtime.tune_malloc() is False and calls == []
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+
+    def no_glibc(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(runtime.ctypes, "CDLL", no_glibc)
+    assert runtime.tune_malloc() is False
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")
+    assert runtime.tune_malloc() is False
+

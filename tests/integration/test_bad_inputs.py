@@ -187,6 +187,7 @@ def test_train_py_init_from_loads_weights_with_rename_and_ignore(fmnist_root, tm
         assert found, r["output"][-3000:]
         counts.append(tuple(int(g) for g in found.groups()))
     whole, no_decoder, renamed = counts
+    assert "glibc malloc: freed memory kept for reuse" in results[0]["output"]  # tune_malloc=true by default
     assert whole == (0, 0, 0)
     assert no_decoder[0] > 0 and no_decoder[1:] == (0, 0)  # the decoder starts fresh, nothing else is off
     assert renamed[0] == renamed[1] > 0 and renamed[2] == 0  # encoder keys: unknown under the new name, missing
