@@ -46,8 +46,8 @@ def build_loggers(cfg: DictConfig, resume_meta: dict) -> list:
 def main(cfg: DictConfig) -> None:
     # `trainer.max_steps=abc` or `seed=abc` named here, not deep inside Lightning
     config_check.check_types(cfg, plain=config_check.TRAIN_KEYS)
-    if cfg.tune_malloc and runtime.tune_malloc():
-        log.info("glibc malloc: freed memory kept for reuse (tune_malloc=false for glibc's defaults)")
+    if cfg.tune_malloc:
+        runtime.tune_malloc()
     pl.seed_everything(cfg.seed, workers=True)
     out_dir = Path(cfg.paths.output_dir)
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name

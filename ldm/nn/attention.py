@@ -123,10 +123,10 @@ class BasicTransformerBlock(nn.Module):
 
     def _ff_residual(self, x: Tensor) -> Tensor:
         """x + ff(norm3(x)); on CPU without autograd, over cache-sized row chunks (CPU_FF_CHUNK_BYTES)."""
-        flat = x.reshape(-1, x.shape[-1])
         rows = max(1, CPU_FF_CHUNK_BYTES // (self.ff.net[2].in_features * x.element_size()))
-        if torch.is_grad_enabled() or x.device.type != "cpu" or flat.shape[0] <= rows:
+        if torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() <= rows * x.shape[-1]:
             return x + self.ff(self.norm3(x))
+        flat = x.reshape(-1, x.shape[-1])
         out = torch.empty_like(flat)
         for start in range(0, flat.shape[0], rows):
             chunk = flat[start:start + rows]
