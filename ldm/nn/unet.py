@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ldm.nn.attention import SpatialTransformer, expand_mask
 from ldm.nn.embeddings import as_batch_timesteps, label_embedding, timestep_embedding
-from ldm.nn.layers import group_norm, zero_module
+from ldm.nn.layers import Upsample, group_norm, zero_module
 
 
 class ResBlock(nn.Module):
@@ -64,17 +64,6 @@ class Downsample(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.op(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour ×2, then a 3×3 conv."""
-
-    def __init__(self, channels: int, out_channels: int | None = None):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class EmbedSequential(nn.Sequential):
