@@ -22,6 +22,7 @@ from ldm import rng
 from ldm.images import save_grid
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
+from ldm.models.optim import adamw
 from ldm.nn.autoencoder import AutoencoderKLNet, latent_moments, save_pretrained, scale_factor_from_moments
 from ldm.nn.discriminator import D_LOSSES, PatchDiscriminator
 
@@ -233,10 +234,9 @@ class AutoencoderKL(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         ae_params = list(self.net.parameters()) + ([self.logvar] if hp.learn_logvar else [])
-        fused = {"fused": True} if all(p.is_cuda for p in ae_params) else {}
-        kw = dict(betas=tuple(hp.betas), weight_decay=hp.weight_decay, **fused)
-        opt_ae = torch.optim.AdamW(ae_params, lr=hp.lr, **kw)
-        opt_d = torch.optim.AdamW(self.discriminator.parameters(), lr=hp.disc_lr or hp.lr, **kw)
+        kw = dict(betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        opt_ae = adamw(ae_params, lr=hp.lr, **kw)
+        opt_d = adamw(self.discriminator.parameters(), lr=hp.disc_lr or hp.lr, **kw)
         f = lr_lambda(hp.lr_schedule, hp.warmup_steps, self._total_batches(), hp.min_lr_ratio)
         start = hp.disc_start
         # The discriminator steps only from batch `disc_start` on: its schedule is the autoencoder's, shifted.

@@ -25,6 +25,7 @@ from ldm.models import ldm_parts as parts
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
+from ldm.models.optim import adamw
 from ldm.nn.text_encoder import pad_context
 
 log = logging.getLogger(__name__)
@@ -241,9 +242,7 @@ class LatentDiffusion(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.unet.parameters() if p.requires_grad]
-        extra = {"fused": True} if self.device.type == "cuda" else {}
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay,
-                                **extra)
+        opt = adamw(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         warmup = max(0, int(hp.warmup_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)

@@ -57,7 +57,9 @@ def test_training_lowers_reconstruction_loss(tmp_path):
     model = tiny_model(lr_schedule="cosine", warmup_steps=5)
     x = TinyImages(16).images
     before = float((model.reconstruct(x, model.net) - x).pow(2).mean())
-    trainer(tmp_path, 60).fit(model, datamodule=datamodule())
+    t = trainer(tmp_path, 60)
+    t.fit(model, datamodule=datamodule())
+    assert all(opt.defaults["fused"] for opt in t.optimizers)  # fused AdamW on CPU, both optimizers
     after = float((model.reconstruct(x, model.net) - x).pow(2).mean())
     assert after < 0.5 * before
     assert model.ae_step == 60

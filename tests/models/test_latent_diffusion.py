@@ -104,6 +104,7 @@ def test_training_reduces_loss_frozen_parts_and_ema(tmp_path, text_encoder, ae_d
     # only the U-Net is optimised; frozen parts unchanged and out of the checkpoint
     opt_params = {id(p) for g in t.optimizers[0].param_groups for p in g["params"]}
     assert opt_params == {id(p) for p in model.unet.parameters()}
+    assert t.optimizers[0].defaults["fused"]  # one fused AdamW kernel on CPU
     assert all(torch.equal(v, model.first_stage.state_dict()[k]) for k, v in fs_before.items())
     sd = model.state_dict()
     assert not any(k.startswith("text_encoder.") for k in sd) and any(k.startswith("ema.module.") for k in sd)
