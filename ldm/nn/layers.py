@@ -1,4 +1,4 @@
-"""Small shared layers of the diffusion U-Net."""
+"""Small layers shared by the diffusion U-Net and the autoencoder."""
 
 from __future__ import annotations
 
