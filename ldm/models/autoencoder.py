@@ -22,6 +22,7 @@ from ldm import rng
 from ldm.images import save_grid
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
+from ldm.models.log_step import metrics_step
 from ldm.models.optim import adamw
 from ldm.nn.autoencoder import AutoencoderKLNet, latent_moments, save_pretrained, scale_factor_from_moments
 from ldm.nn.discriminator import D_LOSSES, PatchDiscriminator
@@ -305,16 +306,17 @@ class AutoencoderKL(pl.LightningModule):
         nrow = max(1, int(math.sqrt(n)))
         for name, imgs in grids.items():
             save_grid(imgs.float().cpu(), out / f"step{self.ae_step:07d}_{name}.png", nrow=nrow)
+        step = metrics_step(self)  # the x-axis position of this validation run's metrics
         for logger in self.loggers:
             images = [((g + 1) / 2).float().cpu() for g in grids.values()]
             if hasattr(logger, "log_image"):  # W&B
                 from ldm.images import make_grid
 
                 logger.log_image(key="val/images", images=[make_grid(i * 2 - 1, nrow=nrow) for i in images],
-                                 caption=list(grids), step=self.global_step)
+                                 caption=list(grids), step=step)
             elif hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard
                 for name, imgs in zip(grids, images, strict=True):
-                    logger.experiment.add_images(f"val/{name}", imgs, self.global_step)
+                    logger.experiment.add_images(f"val/{name}", imgs, step)
 
     # ---- scale factor and export -----------------------------------------------------------------
     @torch.no_grad()

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from ldm.diffusion.schedule import NoiseSchedule
+from ldm.models.log_step import metrics_step
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,7 @@ def log_sample_grid(model, prompts: list[str]) -> Path:
     from ldm.images import make_grid, save_grid, to_pil, upscale_nearest
 
     hp, step = model.hparams, model.global_step
+    log_step = metrics_step(model)  # the loggers' step of this validation run's metrics (files keep global_step)
     n = max(1, int(hp.val_images_per_prompt))
     images = model.sample([p for p in prompts for _ in range(n)], sampler=hp.val_sampler, steps=hp.val_steps,
                           guidance=hp.val_guidance, seed=hp.val_seed, sampler_options=hp.val_sampler_options)
@@ -162,10 +164,10 @@ def log_sample_grid(model, prompts: list[str]) -> Path:
     rows = [make_grid(images[i * n:(i + 1) * n], nrow=n) for i in range(len(prompts))]
     for logger in model.loggers:
         if callable(getattr(logger, "log_image", None)):  # W&B: one image per prompt, the prompt as caption
-            logger.log_image(key="val/samples", images=[to_pil(r) for r in rows], caption=prompts, step=step)
+            logger.log_image(key="val/samples", images=[to_pil(r) for r in rows], caption=prompts, step=log_step)
         elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoard
-            logger.experiment.add_image("val/samples", (make_grid(images, nrow=n) + 1) / 2, step)
-            logger.experiment.add_text("val/prompts", "\n\n".join(prompts), step)
+            logger.experiment.add_image("val/samples", (make_grid(images, nrow=n) + 1) / 2, log_step)
+            logger.experiment.add_text("val/prompts", "\n\n".join(prompts), log_step)
     return path
 
 

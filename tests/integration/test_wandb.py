@@ -134,8 +134,10 @@ def test_offline_by_default_with_metrics_config_and_run_identity(ae_runs):
 
 def test_autoencoder_image_grids_reach_the_offline_run(ae_runs):
     folder = ae_runs["first"][0]
-    images = [h for h in read_offline_run(folder)["history"] if "val/images.filenames" in h]
-    assert [h["trainer/global_step"] for h in images] == [2, 4]
+    history = read_offline_run(folder)["history"]
+    images = [h for h in history if "val/images.filenames" in h]
+    # at the x-axis position of the validation run they belong to (after batches 2 and 4: Lightning's steps 1, 3)
+    assert [h["trainer/global_step"] for h in images] == sorted(series(history, "val/psnr")) == [1, 3]
     for h in images:
         assert h["val/images.captions"] == ["inputs", "reconstructions", "samples"]
         for name in h["val/images.filenames"]:
@@ -159,6 +161,7 @@ def test_csv_and_tensorboard_log_the_same_losses(ae_runs):
     tb_losses = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert tb_losses == pytest.approx(wandb_losses, rel=1e-6)
     assert {"val/inputs", "val/reconstructions", "val/samples"} <= set(acc.Tags()["images"])
+    assert [e.step for e in acc.Images("val/samples")] == [e.step for e in acc.Scalars("val/psnr")]
 
 
 def test_resumed_run_continues_the_same_wandb_run(ae_runs):
@@ -177,6 +180,7 @@ def test_ldm_sample_grids_carry_prompts_and_checkpoints_become_artifacts(ldm_run
     (folder,) = offline_runs(ldm_run)
     run = read_offline_run(folder)
     (grid,) = [h for h in run["history"] if "val/samples.filenames" in h]
+    assert [grid["trainer/global_step"]] == sorted(series(run["history"], "val/loss"))  # with its validation metrics
     assert grid["val/samples.captions"] == PROMPTS and len(grid["val/samples.filenames"]) == len(PROMPTS)
     for name in grid["val/samples.filenames"]:
         assert (folder / "files" / name).is_file()
