@@ -180,6 +180,7 @@ def test_errors(tmp_path, text_encoder, ae_dir):
 class ImageLogger(Logger):
     name, version = "images", 0
     calls: list = []
+    metric_steps: dict = {}
 
     @property
     def experiment(self):
@@ -188,8 +189,9 @@ class ImageLogger(Logger):
     def log_hyperparams(self, *a, **k):
         pass
 
-    def log_metrics(self, *a, **k):
-        pass
+    def log_metrics(self, metrics, step=None):
+        for key in metrics:
+            ImageLogger.metric_steps.setdefault(key, []).append(step)
 
     def log_image(self, key, images, step=None, **kwargs):
         self.calls.append((key, images, step, kwargs))
@@ -221,7 +223,7 @@ def trained(tmp_path_factory, text_encoder, ae_dir):
     tmp = tmp_path_factory.mktemp("run")
     model = make_model(text_encoder, ae_dir, val_prompts=["a bag", "a coat"], val_images_per_prompt=3,
                        sample_every_n_steps=1, val_steps=3, val_guidance=2.0)
-    ImageLogger.calls, TensorBoardLike.added = [], []
+    ImageLogger.calls, ImageLogger.metric_steps, TensorBoardLike.added = [], {}, []
     data = Items(8)
     t = trainer(tmp, 6, logger=[ImageLogger(), TensorBoardLike()], limit_val_batches=1, val_check_interval=6,
                 check_val_every_n_epoch=None)
@@ -238,10 +240,12 @@ def test_validation_grid_and_logger(trained):
 
     img = Image.open(pngs[0])
     assert "a bag" in img.text["prompts"] and img.size[0] > img.size[1]  # 2 rows (prompts) × 3 columns
+    # the grid of the validation run after 6 steps goes to the loggers at that run's metrics step (Lightning's: 5)
+    assert set(ImageLogger.metric_steps["val/loss"]) == {5}  # (both test loggers record it)
     key, images, step, kw = ImageLogger.calls[-1]
-    assert key == "val/samples" and step == 6 and kw["caption"] == ["a bag", "a coat"] and len(images) == 2
+    assert key == "val/samples" and step == 5 and kw["caption"] == ["a bag", "a coat"] and len(images) == 2
     tag, shape, lo, hi, step = TensorBoardLike.added[0]
-    assert tag == "val/samples" and shape[0] == 1 and 0 <= lo <= hi <= 1 and step == 6
+    assert tag == "val/samples" and shape[0] == 1 and 0 <= lo <= hi <= 1 and step == 5
     assert TensorBoardLike.added[1][1] == "a bag\n\na coat"
     assert "val/loss" in t.callback_metrics
 
