@@ -66,14 +66,13 @@ def sample_step(fn, inputs):
     fn(*inputs)
 
 
-def time_it(step, iters: int) -> float:
+def time_it(step) -> float:
     t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    return (time.perf_counter() - t0) / iters
+    step()
+    return time.perf_counter() - t0
 
 
-def compare(name, latent, batch, ctx_len, reps, iters, use_mask) -> list[tuple]:
+def compare(name, latent, batch, ctx_len, reps, use_mask) -> list[tuple]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *latent, generator=g)
     t = torch.randint(0, 1000, (batch,), generator=g)
@@ -104,7 +103,7 @@ def compare(name, latent, batch, ctx_len, reps, iters, use_mask) -> list[tuple]:
         for r in range(reps):
             for k in (("ours", "theirs") if r % 2 == 0 else ("theirs", "ours")):
                 models[k].train(kind == "train")
-                times[k].append(time_it(pair[k], iters))
+                times[k].append(time_it(pair[k]))
         med = {k: statistics.median(v) for k, v in times.items()}
         # a repetition times both back to back, so its ratio cancels slow drifts in machine load
         ratios = sorted(a / b for a, b in zip(times["ours"], times["theirs"], strict=True))
@@ -127,15 +126,15 @@ def main() -> None:
     torch.manual_seed(0)
     # one step per model per repetition: a pair of steps is timed within a few seconds, so that the shared
     # machine's load drifts cancel in its ratio better than over longer blocks
-    reps, iters = (7, 1) if args.quick else (25, 1)
+    reps = 7 if args.quick else 25
     rows = []
     for name, latent, batch, ctx_len in CONFIGS:
         if args.only and args.only not in name:
             continue
         for use_mask in (False, True) if args.mask else (False,):
-            rows += compare(name, latent, batch, ctx_len, reps, iters, use_mask)
+            rows += compare(name, latent, batch, ctx_len, reps, use_mask)
     print(f"\nfp32, CPU, {args.threads} threads, torch {torch.__version__}; medians of {reps} alternating "
-          f"repetitions × {iters} steps; ratio = median of per-repetition ratios (min–max)\n")
+          f"repetitions of one step; ratio = median of per-repetition ratios (min–max)\n")
     print("| latent | batch | step | ours (ms) | diffusers (ms) | ours / diffusers |")
     print("|---|---|---|---|---|---|")
     for name, batch, kind, ours, theirs, ratio, lo, hi in rows:

@@ -53,7 +53,5 @@ class Upsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
             return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-        nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        weight = nearest2x_conv_kernel(self.conv.weight)
-        weight = weight.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
-        return F.conv_transpose2d(x, weight, self.conv.bias, stride=2, padding=1)
+        # the output takes the input's layout (NCHW or channels-last) whatever the folded kernel's strides
+        return F.conv_transpose2d(x, nearest2x_conv_kernel(self.conv.weight), self.conv.bias, stride=2, padding=1)
