@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm import rng
-from ldm.images import save_grid
+from ldm.images import make_grid, save_grid
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.log_step import metrics_step
@@ -301,22 +301,20 @@ class AutoencoderKL(pl.LightningModule):
         shape = (n, self.net.embed_dim, x.shape[-2] // f, x.shape[-1] // f)
         z = torch.randn(shape, device=x.device, generator=gen)
         samples = self.eval_net.decode(z / self.scale_factor).clamp(-1, 1)
-        grids = {"inputs": x[:n], "reconstructions": rec[:n], "samples": samples}
+        grids = {name: imgs.float().cpu() for name, imgs in
+                 (("inputs", x[:n]), ("reconstructions", rec[:n]), ("samples", samples))}  # in [-1, 1]
         out = Path(self.hparams.image_log_dir or Path(self.trainer.default_root_dir) / "images")
         nrow = max(1, int(math.sqrt(n)))
         for name, imgs in grids.items():
-            save_grid(imgs.float().cpu(), out / f"step{self.ae_step:07d}_{name}.png", nrow=nrow)
+            save_grid(imgs, out / f"step{self.ae_step:07d}_{name}.png", nrow=nrow)
         step = metrics_step(self)  # the x-axis position of this validation run's metrics
         for logger in self.loggers:
-            images = [((g + 1) / 2).float().cpu() for g in grids.values()]
             if hasattr(logger, "log_image"):  # W&B
-                from ldm.images import make_grid
-
-                logger.log_image(key="val/images", images=[make_grid(i * 2 - 1, nrow=nrow) for i in images],
+                logger.log_image(key="val/images", images=[make_grid(g, nrow=nrow) for g in grids.values()],
                                  caption=list(grids), step=step)
-            elif hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard
-                for name, imgs in zip(grids, images, strict=True):
-                    logger.experiment.add_images(f"val/{name}", imgs, step)
+            elif hasattr(getattr(logger, "experiment", None), "add_images"):  # TensorBoard, images in [0, 1]
+                for name, imgs in grids.items():
+                    logger.experiment.add_images(f"val/{name}", (imgs + 1) / 2, step)
 
     # ---- scale factor and export -----------------------------------------------------------------
     @torch.no_grad()

@@ -41,3 +41,11 @@ def test_upsample_is_nearest_then_conv(channels_last, size):
 
 def test_upsample_keeps_the_ldm_parameter_names():
     assert set(Upsample(8).state_dict()) == {"conv.weight", "conv.bias"}
+
+
+def test_upsample_on_cpu_takes_the_transposed_conv(monkeypatch):
+    def no_interpolate(*args, **kwargs):
+        raise AssertionError("the CPU path should not upsample a copy")
+
+    monkeypatch.setattr(F, "interpolate", no_interpolate)  # layers.py calls F.interpolate on other devices only
+    assert Upsample(4)(torch.randn(1, 4, 3, 3)).shape == (1, 4, 6, 6)
