@@ -60,6 +60,49 @@ def test_fully_masked_row_attends_to_all_tokens():
     torch.testing.assert_close(out[1:], naive_attention(attn, x[1:], ctx[1:], keep[1:]), rtol=0, atol=1e-5)
 
 
+def test_regroup_pays_by_multiply_add_count():
+    from ldm.nn.attention import regroup_pays
+
+    # the benchmark U-Net's 32×32 and 16×16 levels and the fmnist U-Net (one head) with short captions: regrouped
+    assert regroup_pays(1024, 64, 2, 32, 16) and regroup_pays(256, 128, 4, 32, 16) and regroup_pays(256, 32, 1, 32, 77)
+    assert not regroup_pays(16, 128, 4, 32, 16)  # a 4×4 map: the per-sample products cost more than they save
+    assert not regroup_pays(4096, 320, 8, 40, 77)  # Stable Diffusion v1 at 64×64: 77 tokens × 8 heads
+    # the rule is the multiply-add count: four GEMMs of width C or d per query token against two of width H·L
+    n, c, h, d, length = 100, 48, 3, 16, 12
+    plain = n * (c * h * d + 2 * h * length * d + h * d * c)
+    regrouped = n * 2 * c * h * length + 2 * h * length * d * c
+    assert regroup_pays(n, c, h, d, length) == (regrouped < plain)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_regrouped_cross_attention_matches_naive_with_gradients(masked, monkeypatch):
+    """The folded form (scores = x·(W_qᵀkᵀ), out = P·(v W_oᵀ)) is the same function, gradients included."""
+    from ldm.nn.attention import regroup_pays
+
+    g = torch.Generator().manual_seed(0)
+    attn = CrossAttention(32, context_dim=24, heads=2, dim_head=16).double().eval()
+    for p in attn.parameters():
+        torch.nn.init.normal_(p, std=0.3, generator=g)
+    x = torch.randn(3, 64, 32, generator=g, dtype=torch.float64, requires_grad=True)
+    ctx = torch.randn(3, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool) if masked else None
+    assert regroup_pays(64, 32, 2, 16, 5)
+    calls = []
+    regrouped = CrossAttention._regrouped
+    monkeypatch.setattr(CrossAttention, "_regrouped", lambda self, *a: calls.append(1) or regrouped(self, *a))
+    out = attn(x, ctx, expand_mask(keep, 3, 5) if masked else None)
+    assert calls == [1]
+    ref = naive_attention(attn, x, ctx, keep)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    go = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    params = [x, ctx, *attn.parameters()]
+    grads = torch.autograd.grad(out, params, go)
+    for a, b in zip(grads, torch.autograd.grad(ref, params, go), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    if masked:  # masked context tokens get no gradient
+        assert grads[1][0, 3:].abs().max() == 0 and grads[1][2, 1:].abs().max() == 0
+
+
 def test_expand_mask_shape_and_errors():
     keep = torch.ones(2, 5, dtype=torch.bool)
     assert expand_mask(keep, 2, 5).shape == (2, 1, 1, 5)
