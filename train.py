@@ -52,6 +52,10 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(cfg.paths.output_dir)
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name
     trust = bool(cfg.trust_checkpoint)
+    ckpt_path = runtime.resolve_ckpt_path(cfg.ckpt_path, out_dir, task_dir)
+    model_checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
+    if cfg.train and not ckpt_path and model_checkpoint.get("dirpath"):
+        runtime.refuse_used_checkpoint_dir(model_checkpoint.dirpath, out_dir)
 
     log.info("Instantiating data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)
@@ -65,7 +69,6 @@ def main(cfg: DictConfig) -> None:
     if cfg.compile and hasattr(model, "compile_network"):
         model.compile_network()
 
-    ckpt_path = runtime.resolve_ckpt_path(cfg.ckpt_path, out_dir, task_dir)
     resume_meta = checkpoint.read_metadata(ckpt_path, trust=trust) if ckpt_path else {}
     callbacks = instantiate_all(cfg.get("callbacks")) + [RunMetadata(str(out_dir)), CheckpointSafety(), RNGState()]
     loggers = build_loggers(cfg, resume_meta)

@@ -125,6 +125,22 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, task_dir: s
     return None
 
 
+def refuse_used_checkpoint_dir(ckpt_dir: str | Path, output_dir: str | Path) -> None:
+    """A fresh run (no checkpoint to resume) must not write into a checkpoint folder that holds an earlier run's
+    checkpoints: Lightning would save `last-v1.ckpt` beside the old `last.ckpt`, and everything that later reads
+    `last.ckpt` (ckpt_path=last, sample.py, the demo) would get the earlier run. Lightning's own SLURM requeue
+    (hpc_ckpt_<n>.ckpt in the run folder) resumes by itself and is let through. Nothing is moved or deleted."""
+    if any(Path(output_dir).glob("hpc_ckpt_*.ckpt")):
+        return
+    old = sorted(p.name for p in Path(ckpt_dir).glob("*.ckpt"))
+    if old:
+        shown = ", ".join(old[:3]) + (f" and {len(old) - 3} more" if len(old) > 3 else "")
+        raise FileExistsError(
+            f"{ckpt_dir} already holds checkpoints of an earlier run ({shown}). Resume that run with ckpt_path=last, "
+            "or start a new one in another folder (hydra.run.dir=...) or after moving those checkpoints away; a "
+            "fresh run does not write its checkpoints beside them.")
+
+
 def link_latest(task_dir: str | Path, run_dir: str | Path) -> None:
     """Point `<task_dir>/latest` at the run folder (atomically), so later stages can find its outputs."""
     task_dir, run_dir = Path(task_dir), Path(run_dir).resolve()

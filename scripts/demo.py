@@ -43,8 +43,23 @@ def run(stage: str, args: list[str], timings: dict, cpu: dict) -> None:
     print(f"=== {stage}: {timings[stage]:.0f} s wall, {cpu[stage]:.0f} s CPU", flush=True)
 
 
+def set_aside_previous_run() -> None:
+    """A second `make demo` trains afresh: the previous run's outputs move to previous/<time>/ (nothing is
+    deleted), so that training writes a clean last.ckpt and the grid and adherence measure the new model."""
+    names = ["autoencoder", "ldm", "samples", "adherence.json", "summary.json"]
+    old = [OUT / n for n in names if (OUT / n).exists()]
+    if not old:
+        return
+    dest = OUT / "previous" / time.strftime("%Y%m%d-%H%M%S")
+    dest.mkdir(parents=True)
+    for path in old:
+        path.rename(dest / path.name)
+    print(f"previous demo outputs moved to {dest}", flush=True)
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    set_aside_previous_run()
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     t_start = time.time()

@@ -116,3 +116,20 @@ def test_tune_malloc_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
     monkeypatch.setattr(runtime.sys, "platform", "darwin")
     assert runtime.tune_malloc() is False
 
+
+
+def test_a_fresh_run_refuses_a_checkpoint_folder_of_an_earlier_run(tmp_path):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    runtime.refuse_used_checkpoint_dir(ckpts, run)  # no folder yet
+    ckpts.mkdir(parents=True)
+    (ckpts / "notes.txt").write_text("not a checkpoint")
+    runtime.refuse_used_checkpoint_dir(ckpts, run)  # only checkpoints count
+    for name in ("last.ckpt", "step0000100.ckpt", "step0000200.ckpt", "step0000300.ckpt"):
+        (ckpts / name).write_bytes(b"x")
+    with pytest.raises(FileExistsError, match=r"earlier run \(last.ckpt, step0000100.ckpt, step0000200.ckpt and 1 more"
+                                              r"\).*ckpt_path=last.*hydra.run.dir"):
+        runtime.refuse_used_checkpoint_dir(ckpts, run)
+    assert sorted(p.name for p in ckpts.iterdir())[0] == "last.ckpt" and len(list(ckpts.iterdir())) == 5
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"x")  # Lightning's SLURM requeue resumes from it by itself
+    runtime.refuse_used_checkpoint_dir(ckpts, run)

@@ -15,6 +15,14 @@ def test_autoencoder_then_ldm_experiments(fmnist_root: Path, tmp_path: Path):
     assert (ae_dir / "checkpoints" / "last.ckpt").is_file()
     assert {p.name for p in (ae_dir / "export").iterdir()} >= {"model.safetensors", "config.json"}
     assert list((ae_dir / "images").glob("*.png"))
+    # the same command again is a fresh run into a folder holding the first run's checkpoints: refused before
+    # anything is built, and the first run's checkpoints are untouched (Lightning would write last-v1.ckpt beside them)
+    before = {p.name: p.stat().st_mtime_ns for p in (ae_dir / "checkpoints").iterdir()}
+    again = run_train(["experiment=fmnist_autoencoder", f"hydra.run.dir={ae_dir}", "trainer.max_steps=6", *TINY_AE,
+                       *QUICK, *data_overrides(fmnist_root)], check=False)
+    assert again.returncode != 0 and "already holds checkpoints of an earlier run" in again.stderr
+    assert "ckpt_path=last" in again.stderr and "Instantiating data" not in again.stdout + again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in (ae_dir / "checkpoints").iterdir()} == before
     run_train(["experiment=fmnist_ldm", f"hydra.run.dir={ldm_dir}", f"model.first_stage={ae_dir / 'export'}",
                "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "model.sample_every_n_steps=4", "model.val_steps=2", "model.val_images_per_prompt=1",
