@@ -42,7 +42,7 @@ def regroup_pays(tokens: int, query_dim: int, heads: int, dim_head: int, length:
 
     Per query token that saves H·(C·d + L·d − C·L) (two GEMMs of width H·L instead of four of width C or d) and costs
     2·H·L·d·C per sample for the folded products: it pays for short captions, few heads and many tokens (the fmnist
-    and benchmark U-Nets above 8×8), not for Stable Diffusion's 77 tokens × 8 heads or for 4×4 maps.
+    and benchmark U-Nets on maps above 4×4), not for Stable Diffusion's 77 tokens × 8 heads or for 4×4 maps.
     """
     saved = tokens * heads * (query_dim * dim_head + length * dim_head - query_dim * length)
     return saved > 2 * heads * length * dim_head * query_dim
