@@ -53,9 +53,9 @@ def main(cfg: DictConfig) -> None:
     task_dir = Path(cfg.paths.log_dir) / cfg.task_name
     trust = bool(cfg.trust_checkpoint)
     ckpt_path = runtime.resolve_ckpt_path(cfg.ckpt_path, out_dir, task_dir)
-    model_checkpoint = (cfg.get("callbacks") or {}).get("model_checkpoint") or {}
-    if cfg.train and not ckpt_path and model_checkpoint.get("dirpath"):
-        runtime.refuse_used_checkpoint_dir(model_checkpoint.dirpath, out_dir)
+    ckpt_dir = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath")
+    if cfg.train and not ckpt_path and ckpt_dir:
+        runtime.refuse_used_checkpoint_dir(ckpt_dir, out_dir)
 
     log.info("Instantiating data <%s>", cfg.data._target_)
     datamodule = instantiate(cfg.data)

@@ -117,7 +117,6 @@ def test_tune_malloc_sets_glibc_thresholds_unless_the_user_did(monkeypatch):
     assert runtime.tune_malloc() is False
 
 
-
 def test_a_fresh_run_refuses_a_checkpoint_folder_of_an_earlier_run(tmp_path):
     run = tmp_path / "run"
     ckpts = run / "checkpoints"

@@ -82,28 +82,28 @@ class CrossAttention(nn.Module):
             w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
             q, k, v = F.linear(x, w).view(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
             mask = None
-        elif x.device.type == "cpu" and regroup_pays(n, x.shape[-1], h, d, context.shape[1]):
-            return self._regrouped(x, context, mask)
-        else:
+        else:  # keys and values in one GEMM: (B, L, 2, H, d)
+            kv = F.linear(context, torch.cat([self.to_k.weight, self.to_v.weight])).view(b, context.shape[1], 2, h, d)
+            if x.device.type == "cpu" and regroup_pays(n, x.shape[-1], h, d, kv.shape[1]):
+                return self._regrouped(x, kv, mask)
             q = self.to_q(x).view(b, n, h, d).transpose(1, 2)
-            w = torch.cat([self.to_k.weight, self.to_v.weight])
-            k, v = F.linear(context, w).view(b, context.shape[1], 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
         out = attention(q, k, v, mask)  # (B, H, N, d)
         out = self.to_out[0](out.transpose(1, 2).reshape(b, n, h * d))
         return self.to_out[1](out) if self.to_out[1].p else out
 
-    def _regrouped(self, x: Tensor, context: Tensor, mask: Tensor | None) -> Tensor:
-        """Cross-attention with the query and output projections folded into the short context's side.
+    def _regrouped(self, x: Tensor, kv: Tensor, mask: Tensor | None) -> Tensor:
+        """Cross-attention, given the context's keys and values kv (B, L, 2, H, d), with the query and output
+        projections folded into the short context's side.
 
         Per head, scores = (x W_q,hᵀ) k_hᵀ = x (W_q,hᵀ k_hᵀ) and out = Σ_h P_h (v_h W_o,hᵀ): the (C, H·L) and
         (H·L, C) products are formed once per sample from the L context tokens, leaving two GEMMs over the N
         query tokens, of width H·L instead of four of width C (see `regroup_pays`).
         """
         b, n, c = x.shape
-        h, d, length = self.heads, self.dim_head, context.shape[1]
-        w = torch.cat([self.to_k.weight, self.to_v.weight])
-        # (H, B·L, d) keys and values: one GEMM per head over all samples
-        k, v = F.linear(context, w).view(b * length, 2, h, d).permute(1, 2, 0, 3).unbind(0)
+        h, d, length = self.heads, self.dim_head, kv.shape[1]
+        # (H, B·L, d) keys and values, so that each folded product is one GEMM per head over all samples
+        k, v = kv.reshape(b * length, 2, h, d).permute(1, 2, 0, 3).unbind(0)
         out_proj = self.to_out[0]
         qk = torch.bmm(k, self.to_q.weight.view(h, d, c) * d ** -0.5)  # (H, B·L, C): k_h W_q,h, i.e. (W_q,hᵀ k_hᵀ)ᵀ
         vo = torch.bmm(v, out_proj.weight.view(-1, h, d).permute(1, 2, 0))  # (H, B·L, C): v_h W_o,hᵀ

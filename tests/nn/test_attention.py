@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ldm.nn.attention import GEGLU, BasicTransformerBlock, CrossAttention, SpatialTransformer, expand_mask
+from ldm.nn.attention import GEGLU, BasicTransformerBlock, CrossAttention, SpatialTransformer, expand_mask, regroup_pays
 
 
 def naive_attention(attn: CrossAttention, x, context=None, keep=None):
@@ -61,8 +61,6 @@ def test_fully_masked_row_attends_to_all_tokens():
 
 
 def test_regroup_pays_by_multiply_add_count():
-    from ldm.nn.attention import regroup_pays
-
     # the benchmark U-Net's 32×32 and 16×16 levels and the fmnist U-Net (one head) with short captions: regrouped
     assert regroup_pays(1024, 64, 2, 32, 16) and regroup_pays(256, 128, 4, 32, 16) and regroup_pays(256, 32, 1, 32, 77)
     assert not regroup_pays(16, 128, 4, 32, 16)  # a 4×4 map: the per-sample products cost more than they save
@@ -77,8 +75,6 @@ def test_regroup_pays_by_multiply_add_count():
 @pytest.mark.parametrize("masked", [False, True])
 def test_regrouped_cross_attention_matches_naive_with_gradients(masked, monkeypatch):
     """The folded form (scores = x·(W_qᵀkᵀ), out = P·(v W_oᵀ)) is the same function, gradients included."""
-    from ldm.nn.attention import regroup_pays
-
     g = torch.Generator().manual_seed(0)
     attn = CrossAttention(32, context_dim=24, heads=2, dim_head=16).double().eval()
     for p in attn.parameters():
