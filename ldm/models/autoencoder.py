@@ -23,7 +23,7 @@ from ldm.images import make_grid, save_grid
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.log_step import metrics_step
-from ldm.models.optim import adamw
+from ldm.models.optim import CLIP_ALGORITHMS, adamw, clip_gradients
 from ldm.nn.autoencoder import AutoencoderKLNet, latent_moments, save_pretrained, scale_factor_from_moments
 from ldm.nn.discriminator import D_LOSSES, PatchDiscriminator
 
@@ -86,6 +86,8 @@ class AutoencoderKL(pl.LightningModule):
             raise ValueError(f"rec_loss must be 'l1' or 'l2', got {rec_loss!r}")
         if disc_loss not in D_LOSSES:
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
+        if grad_clip_algorithm not in CLIP_ALGORITHMS:
+            raise ValueError(f"grad_clip_algorithm must be one of {CLIP_ALGORITHMS}, got {grad_clip_algorithm!r}")
         if lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
         self.automatic_optimization = False
@@ -150,10 +152,9 @@ class AutoencoderKL(pl.LightningModule):
         return self.ae_step >= self.hparams.disc_start and self.hparams.disc_factor > 0
 
     # ---- training --------------------------------------------------------------------------------
-    def _clip(self, opt) -> None:
-        if self.hparams.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.hparams.grad_clip,
-                                gradient_clip_algorithm=self.hparams.grad_clip_algorithm)
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Inside opt.step(), where Lightning calls it for manual optimization too: after a GradScaler's unscale_.
+        clip_gradients(self, optimizer, self.hparams.grad_clip, self.hparams.grad_clip_algorithm)
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x = batch["image"]
@@ -182,7 +183,6 @@ class AutoencoderKL(pl.LightningModule):
             return
         opt_ae.zero_grad(set_to_none=True)
         self.manual_backward(loss)
-        self._clip(opt_ae)
         opt_ae.step()
         sch_ae.step()
         if use_disc:
@@ -191,7 +191,6 @@ class AutoencoderKL(pl.LightningModule):
             d_loss = self.hparams.disc_factor * D_LOSSES[self.hparams.disc_loss](logits_real, logits_fake)
             opt_d.zero_grad(set_to_none=True)
             self.manual_backward(d_loss)
-            self._clip(opt_d)
             opt_d.step()
             sch_d.step()
             logs.update({"train/d_loss": d_loss, "train/logits_real": logits_real.mean(),

@@ -25,7 +25,7 @@ from ldm.models import ldm_parts as parts
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
-from ldm.models.optim import adamw
+from ldm.models.optim import adamw, clip_gradients
 from ldm.nn.text_encoder import pad_context
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,10 @@ class LatentDiffusion(pl.LightningModule):
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     p.grad = None
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # trainer.gradient_clip_val, clipped in a way that works with the fused AdamW under every precision plugin
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm or "norm")
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)  # runs the closure: training_step, backward, the step

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -55,6 +57,21 @@ def fmnist_root(tmp_path_factory) -> Path:
     return make_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
+@pytest.fixture(scope="session")
+def tiny_ae_export(tmp_path_factory) -> Path:
+    """An untrained TINY_AE autoencoder exported as `model.first_stage` for LDM runs (built here, not trained)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=fmnist_autoencoder", *TINY_AE])
+    torch.manual_seed(0)
+    net = AutoencoderKLNet(cfg.model.ddconfig, cfg.model.embed_dim)
+    return save_pretrained(net, tmp_path_factory.mktemp("tiny_ae") / "export", scale_factor=1.0)
+
+
 def data_overrides(root: Path, batch_size: int = 8, val_size: int = 32) -> list[str]:
     return [f"data.train.root={root}", f"data.batch_size={batch_size}", f"data.train.val_size={val_size}"]
 
@@ -70,3 +87,36 @@ def run_train(args: list[str], *, env: dict | None = None, timeout: float = 300,
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-8000:]}")
     return proc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun_nodes(args: list[str], env: dict | None = None, timeout: float = 240) -> list[str]:
+    """Two torchrun "nodes" of one process each on 127.0.0.1, started the way a cluster script would; both must
+    exit 0. Returns each node's output."""
+    port = free_port()
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
+                "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **(env or {})}
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+               f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
+               str(ROOT / "train.py"), *args]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=timeout)[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        raise AssertionError(f"torchrun did not finish in {timeout} s (deadlock?)") from None
+    for node, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"node {node} failed ({p.returncode}):\n{out[-6000:]}"
+    return outputs

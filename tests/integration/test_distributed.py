@@ -17,22 +17,19 @@ is tight enough that one shared noise draw or one wrongly split batch would fail
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from .conftest import QUICK, ROOT, TINY_AE, TINY_UNET, data_overrides, run_train
+from .conftest import QUICK, TINY_AE, TINY_UNET, data_overrides, run_torchrun_nodes, run_train
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 240  # seconds per launch: a deadlock fails the test instead of hanging it
 
 RANK_WEIGHTS = "+callbacks.rank_weights._target_=tests.integration._rank_weights.RankWeights"
+# fp32 here (multinode ships bf16-mixed) so that the runs can be compared with the fp32 reference to 1e-4;
+# test_trainer_matrix.py launches multinode as shipped.
 CPU_MULTINODE = ["trainer=multinode", "trainer.num_nodes=2", "trainer.accelerator=cpu", "trainer.precision=32-true"]
 
 
@@ -70,37 +67,6 @@ def reference(fmnist_root, tmp_path_factory):
         return runs[name]
 
     return get
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_torchrun_nodes(args: list[str], env: dict) -> None:
-    """Two torchrun "nodes" of one process each on 127.0.0.1, started the way a cluster script would."""
-    port = free_port()
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline",
-                "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0", **env}
-    procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-               f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}",
-               str(ROOT / "train.py"), *args]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))
-    outputs = []
-    try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT)[0])
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-        raise AssertionError(f"torchrun did not finish in {TIMEOUT} s (deadlock?)") from None
-    for node, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"node {node} failed ({p.returncode}):\n{out[-6000:]}"
 
 
 def assert_matches_reference(weights_dir: Path, run_dir: Path, ref_dir: Path) -> None:
@@ -158,7 +124,7 @@ def test_torchrun_two_nodes(name, fmnist_root, reference, tmp_path):
     # scratch folder under TMPDIR and must leave nothing there but its log.
     args = [*experiment_args(name, fmnist_root, first_stage), *CPU_MULTINODE, f"paths.log_dir={tmp_path / 'logs'}",
             RANK_WEIGHTS, f"+callbacks.rank_weights.out_dir={weights}"]
-    run_torchrun_nodes(args, env={"TMPDIR": str(scratch)})
+    run_torchrun_nodes(args, env={"TMPDIR": str(scratch)}, timeout=TIMEOUT)
     runs = list((tmp_path / "logs" / name / "runs").iterdir())
     assert len(runs) == 1, f"one output folder per run, found {runs}"
     assert_rank0_outputs(runs[0], name)
