@@ -135,10 +135,20 @@ class LatentDiffusion(pl.LightningModule):
         return int(getattr(self.first_stage, "downsample_factor", 1))
 
     @torch.no_grad()
+    def posterior(self, x: Tensor):
+        """The frozen autoencoder's posterior of images `x`; images whose channels it does not take are refused."""
+        channels = parts.image_channels(self.first_stage)
+        if channels is not None and x.shape[1] != channels:
+            raise ValueError(f"the images have {x.shape[1]} channel(s) but the autoencoder (model.first_stage="
+                             f"{self.hparams.first_stage}) takes {channels}: train the LDM on the data its autoencoder"
+                             " was trained on, or point model.first_stage at a matching autoencoder")
+        return self.first_stage.encode(x.to(parts.dtype_of(self.first_stage)))
+
+    @torch.no_grad()
     def encode_images(self, x: Tensor, sample: bool = False,
                       generator: torch.Generator | None = None) -> Tensor:
         """Images in [-1, 1] → scaled latents (posterior mode, or a sample)."""
-        post = self.first_stage.encode(x.to(self.device, parts.dtype_of(self.first_stage)))
+        post = self.posterior(x.to(self.device))
         z = post.mean.float()
         if sample:
             z = z + post.std.float() * torch.randn(z.shape, generator=generator, device=z.device)
@@ -156,7 +166,7 @@ class LatentDiffusion(pl.LightningModule):
         if x.ndim == 5:
             mean, std = x[:, 0].float(), x[:, 1].float()
         else:
-            post = self.first_stage.encode(x.to(parts.dtype_of(self.first_stage)))
+            post = self.posterior(x)
             mean, std = post.mean.float(), post.std.float()
         eps = rng.randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
         return (mean + std * eps) * self.scale_factor
@@ -276,9 +286,7 @@ class LatentDiffusion(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            dtype = parts.dtype_of(self.first_stage)
-            return build_latent_cache(lambda x: self.first_stage.encode(x.to(dtype)), data,
-                                      batch_size=batch_size, device=self.device)
+            return build_latent_cache(self.posterior, data, batch_size=batch_size, device=self.device)
         finally:
             self.train(was_training)
 
@@ -377,6 +385,8 @@ class LatentDiffusion(pl.LightningModule):
         self.guard.save_to(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # before Lightning loads the state dict: a different autoencoder would fail there with a list of keys
+        parts.check_same_first_stage(checkpoint, self.first_stage)
         self.guard.load_from(checkpoint)
         saved = (checkpoint.get("first_stage_config") or {}).get("scale_factor")
         if saved is not None and abs(float(saved) - self.scale_factor) > 1e-6 * abs(self.scale_factor):

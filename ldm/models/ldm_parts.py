@@ -146,6 +146,35 @@ def first_stage_config(first_stage: nn.Module, scale_factor: float) -> dict | No
     return {**_container(cfg), "scale_factor": float(scale_factor)} if isinstance(cfg, Mapping) else None
 
 
+def image_channels(first_stage: nn.Module) -> int | None:
+    """Input channels of the autoencoder, from its config (None when it does not say)."""
+    cfg = getattr(first_stage, "config", None)
+    dd = cfg.get("ddconfig") if isinstance(cfg, Mapping) else None
+    return int(dd["in_channels"]) if isinstance(dd, Mapping) and "in_channels" in dd else None
+
+
+def check_same_first_stage(checkpoint: Mapping, first_stage: nn.Module) -> None:
+    """Refuse a resume whose `model.first_stage` now names an autoencoder of another architecture than the one the
+    checkpoint was trained on (e.g. `.../latest/export` after a newer autoencoder run), naming what differs."""
+    saved, now = checkpoint.get("first_stage_config"), first_stage_config(first_stage, 1.0)
+    if not saved or not now:
+        return
+    saved, now = ({k: v for k, v in c.items() if k != "scale_factor"} for c in (saved, now))
+    if saved == now:
+        return
+    flat = {}
+    for name, cfg in (("checkpoint", saved), ("config", now)):
+        for k, v in cfg.items():
+            for kk, vv in (v.items() if isinstance(v, Mapping) else [(None, v)]):
+                flat.setdefault(f"{k}.{kk}" if kk else k, {})[name] = vv
+    diff = ", ".join(f"{k}: {v.get('checkpoint')} vs {v.get('config')}" for k, v in flat.items()
+                     if v.get("checkpoint") != v.get("config"))
+    trained_on = (checkpoint.get("hyper_parameters") or {}).get("first_stage")
+    hint = f" It was trained with model.first_stage={trained_on}." if isinstance(trained_on, str) else ""
+    raise ValueError(f"this checkpoint's autoencoder differs from the one model.first_stage gives now ({diff})."
+                     f"{hint} Pass model.first_stage=<the autoencoder the checkpoint was trained on>.")
+
+
 def log_sample_grid(model, prompts: list[str]) -> Path:
     """Sample `val_images_per_prompt` images per prompt with the EMA U-Net; write a PNG grid (one row per
     prompt) under the run folder and send it to loggers that take images. Rank 0 only; no collectives."""

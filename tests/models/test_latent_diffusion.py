@@ -345,3 +345,28 @@ def test_sd_configs_instantiate_without_weights(name, params, prediction):
     assert sum(p.numel() for p in model.unet.parameters()) == pytest.approx(params, rel=1e-3)
     assert not model.text_encoder.loaded and model.scale_factor == 0.18215
     assert model.hparams.prediction_type == prediction and model.latent_channels == 4
+
+
+def test_resume_onto_another_autoencoder_is_refused_naming_the_difference():
+    from ldm.models.ldm_parts import check_same_first_stage, first_stage_config
+    from ldm.nn.autoencoder import AutoencoderKLNet
+
+    dd = {"in_channels": 1, "out_ch": 1, "resolution": 32, "ch": 8, "ch_mult": [1, 1], "num_res_blocks": 1,
+          "z_channels": 4, "double_z": True, "norm_groups": 4}
+    trained, now = AutoencoderKLNet(dd, 4), AutoencoderKLNet({**dd, "ch": 16}, 4)
+    ckpt = {"first_stage_config": first_stage_config(trained, 0.9),
+            "hyper_parameters": {"first_stage": "/runs/ae/export"}}
+    check_same_first_stage(ckpt, AutoencoderKLNet(dd, 4))  # same architecture, other scale factor: fine
+    with pytest.raises(ValueError, match=r"ddconfig\.ch: 8 vs 16.*model\.first_stage=/runs/ae/export"):
+        check_same_first_stage(ckpt, now)
+
+
+def test_images_with_channels_the_autoencoder_does_not_take_are_refused(text_encoder, ae_dir):
+    from ldm.models.ldm_parts import image_channels
+
+    model = make_model(text_encoder, ae_dir)
+    assert image_channels(model.first_stage) == DDCONFIG["in_channels"] and image_channels(nn.Identity()) is None
+    rgb = torch.zeros(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"the images have 3 channel\(s\) but the autoencoder .* takes 1"):
+        model.get_latents({"image": rgb})
+    assert model.encode_images(torch.zeros(2, 1, 16, 16)).shape[1] == 4

@@ -1,0 +1,131 @@
+"""Every `python train.py` / `python sample.py` / `python -m ldm.*` command of the README runs, in README order, as a
+user would type it from a fresh checkout: in an empty folder standing for the repository root (so `logs/...` and
+`outputs/demo/...` resolve there), with tiny models and generated data swapped in by overriding keys, never by
+editing the command. A later command reads what an earlier one wrote (`logs/fmnist_autoencoder/latest/export`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import QUICK, ROOT, TINY_AE, TINY_UNET, make_fmnist
+from .test_image_folder_train import make_folder
+
+pytestmark = pytest.mark.slow
+
+# Commands that cannot run on a CPU machine without a cluster, with the test that covers them instead.
+NOT_RUN = {
+    "hydra/launcher=submitit_slurm": "submits to SLURM; tests/integration/test_slurm.py checks the launcher config",
+}
+PROMPTS = "\n".join(f"a photo of a {c}" for c in ("t-shirt", "trouser", "bag")) + "\n"
+
+
+def readme_commands(text: str) -> list[list[str]]:
+    """The python commands of the README's bash blocks, continuation lines joined, comments dropped."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:2] in (["python", "train.py"], ["python", "sample.py"]) or argv[:2] == ["python", "-m"]:
+                commands.append(argv)
+    return commands
+
+
+def key(token: str) -> str:
+    return token.split("=", 1)[0].lstrip("+")
+
+
+def with_overrides(args: list[str], forced: dict[str, str]) -> list[str]:
+    """`args` with each forced key's value replaced (or appended when the command does not set it)."""
+    out = [a if key(a) not in forced else f"{key(a)}={forced[key(a)]}" for a in args]
+    return out + [f"{k}={v}" for k, v in forced.items() if k not in {key(a) for a in args}]
+
+
+def train_overrides(args: list[str], i: int, data: dict[str, Path]) -> dict[str, str]:
+    values = dict(a.split("=", 1) for a in args if "=" in a)
+    experiment = values.get("experiment", "")
+    tiny = TINY_AE if experiment == "fmnist_autoencoder" else TINY_UNET
+    forced = dict(a.split("=", 1) for a in [*tiny, *QUICK])
+    image_folder = values.get("data") == "image_folder"
+    forced.update({"data.train.root": str(data["images" if image_folder else "fmnist"]), "data.batch_size": "8",
+                   "trainer.max_steps": "2", "trainer.val_check_interval": "2", "trainer.limit_val_batches": "1"})
+    forced.update({"data.train.val_fraction": "0.2"} if image_folder else {"data.train.val_size": "32"})
+    if experiment == "fmnist_ldm":
+        forced.update({"model.sample_every_n_steps": "2", "model.val_steps": "2", "model.val_images_per_prompt": "1",
+                       "model.val_prompts": "[a photo of a bag]"})
+    if "hydra.run.dir" not in values:  # one folder per command (the default is named to the second)
+        forced["hydra.run.dir"] = f"logs/{values.get('task_name', experiment)}/runs/readme{i:02d}"
+    if values.get("trainer", "cpu") not in ("cpu", "ddp_sim", "default"):
+        forced.update({"trainer.accelerator": "cpu", "trainer.devices": "2" if "trainer.devices" in values else "1"})
+    return forced
+
+
+def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[str]]:
+    """(script, args) to run for README command `argv`: its own arguments with the tiny keys forced."""
+    script, args = argv[1], argv[2:]
+    if script == "train.py":
+        return str(ROOT / script), with_overrides(args, train_overrides(args, i, data))
+    if script == "sample.py":
+        forced = {"steps": "2", "n": "1", "out": f"outputs/readme{i:02d}"}
+        if "device" in {key(a) for a in args}:
+            forced["device"] = "cpu"  # the command's bf16 precision is kept (autocast on CPU)
+        return str(ROOT / script), with_overrides(args, forced)
+    forced = {k: v for k, v in train_overrides(args, i, data).items() if k.startswith("data.")}
+    return f"-m {args[0]}", with_overrides(args[1:], forced)  # python -m ldm.<module>: the data keys only
+
+
+def distributed(args: list[str]) -> bool:
+    return any(a in args for a in ("trainer=ddp", "trainer=ddp_sim", "trainer=multinode"))
+
+
+def test_every_readme_command_runs(tmp_path):
+    commands = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert sum(c[1] == "train.py" for c in commands) >= 8 and sum(c[1] == "sample.py" for c in commands) >= 6
+    data = {"fmnist": make_fmnist(tmp_path / "data" / "fmnist"), "images": make_folder(tmp_path / "data" / "images")}
+    repo = tmp_path / "repo"  # stands for the user's checkout
+    (repo / "outputs" / "demo").mkdir(parents=True)
+    # what `make demo` leaves: the README's own LDM runs stand in for the demo's (a link to the newest)
+    (repo / "outputs" / "demo" / "ldm").symlink_to(Path("..", "..", "logs", "fmnist_ldm", "latest"))
+    (repo / "outputs" / "demo" / "class_prompts.txt").write_text(PROMPTS)
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    runnable = [(argv, *prepared(argv, i, data)) for i, argv in enumerate(commands)
+                if not any(pattern in argv for pattern in NOT_RUN)]
+    # Consecutive single-process commands run in one process (_run_many.py: imports paid once), in README order;
+    # DDP commands in their own process, since Lightning's launcher starts the other ranks from sys.argv.
+    batches: list[list[tuple]] = []
+    for item in runnable:
+        if distributed(item[2]) or not batches or distributed(batches[-1][0][2]):
+            batches.append([])
+        batches[-1].append(item)
+    results = []
+    for batch in batches:
+        if distributed(batch[0][2]):
+            _, script, args = batch[0]
+            proc = subprocess.run([sys.executable, script, *args], cwd=repo, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            results.append((batch[0], {"rc": proc.returncode, "output": proc.stdout + proc.stderr}))
+            continue
+        cases = [{"script": script, "args": args} for _, script, args in batch]
+        out = tmp_path / f"batch{len(results)}.json"
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("_run_many.py"))], cwd=repo,
+                              env={**env, "RUN_MANY_OUT": str(out)}, input=json.dumps(cases), capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0 and out.is_file(), proc.stdout[-3000:] + proc.stderr[-6000:]
+        results += zip(batch, json.loads(out.read_text()), strict=True)
+    for (argv, script, args), result in results:
+        assert result["rc"] == 0, f"README command {shlex.join(argv)} failed, run as\n{script} {shlex.join(args)}:\n" \
+                                  f"{result['output'][-6000:]}"
+        if script.endswith("sample.py"):
+            out = repo / dict(a.split("=", 1) for a in args)["out"]
+            assert (out / "grid.png").is_file() and json.loads((out / "metadata.json").read_text())
+        if "ckpt_path=last" in args:
+            assert "Resuming from" in result["output"]
+    assert len(results) == len(commands) - sum(any(p in c for p in NOT_RUN) for c in commands)
