@@ -92,9 +92,8 @@ def clip_config_from_weights(sd: Mapping[str, Tensor], text: str, num_heads: int
             "num_attention_heads": int(num_heads or hidden // 64),
             "max_position_embeddings": int(sd["text_model.embeddings.position_embedding.weight"].shape[0]),
             "hidden_act": CLIP_ACT[text], "layer_norm_eps": 1e-5, "projection_dim": int(hidden),
-            # CLIP's special tokens; they only pick the pooled output, which SD does not use
-            **({"bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1} if vocab > 49407 else
-               {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None})}
+            # CLIP's start/end tokens are the last two of its vocabulary; they only pick the pooled output (unused)
+            "bos_token_id": int(vocab) - 2, "eos_token_id": int(vocab) - 1, "pad_token_id": 1}
 
 
 # ---- diffusers JSON configs ------------------------------------------------------------------------------
