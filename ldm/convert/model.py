@@ -20,7 +20,7 @@ FORMATS = ("sd", "diffusers", "ldm")
 INFERENCE = {"ema_decay": None, "cond_drop_prob": 0.1, "val_sampler": "ddim"}
 
 
-def detect_format(path: str | Path) -> str:
+def detect_format(path: str | Path, trust: bool = False) -> str:
     """'diffusers' (a folder with unet/config.json), 'ldm' (our export folder / Lightning .ckpt) or 'sd'."""
     path = Path(path)
     if is_diffusers(path):
@@ -34,7 +34,7 @@ def detect_format(path: str | Path) -> str:
             return "sd" if any(k.startswith("model.diffusion_model.") for k in f.keys()) else "ldm"
     from ldm.checkpoint import load_file
 
-    obj = load_file(path, trust=False)  # weights_only; memory-mapped, so cheap for zip checkpoints
+    obj = load_file(path, trust=trust)  # weights_only unless trusted; memory-mapped for zip checkpoints
     return "ldm" if isinstance(obj, Mapping) and "hyper_parameters" in obj else "sd"
 
 
