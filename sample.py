@@ -2,6 +2,8 @@
 
     python sample.py ckpt=<path> prompt="a photo of a sneaker" n=16 sampler=dpmpp_2m steps=20 guidance=4 \
         seed=0 out=<dir>
+    python sample.py ckpt=v1-5-pruned-emaonly.safetensors sd.tokenizer=<CLIP tokenizer> prompt="a cat" guidance=7.5 \
+        steps=30 sampler.steps_offset=1 height=512 width=512
     python sample.py ckpt=<path> prompts_file=prompts.txt negative_prompt="blurry" sampler=ddim sampler.eta=0.5
 """
 
@@ -43,7 +45,7 @@ def main(cfg: DictConfig) -> None:
     from ldm.pipeline import LatentDiffusionPipeline
 
     pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, device=cfg.device, trust=cfg.trust_checkpoint,
-                                                   use_ema=cfg.use_ema)
+                                                   use_ema=cfg.use_ema, sd_options=cfg.get("sd"))
     sampler = OmegaConf.to_container(cfg.sampler, resolve=True)
     result = pipe.text_to_image(
         prompts, n=cfg.n, negative_prompt=cfg.negative_prompt, sampler=sampler.pop("name"), sampler_options=sampler,

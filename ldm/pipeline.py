@@ -54,12 +54,19 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", trust: bool = False,
-                        use_ema: bool = True) -> LatentDiffusionPipeline:
-        """From a LatentDiffusion Lightning .ckpt or an exported folder (see LatentDiffusion.export)."""
+                        use_ema: bool = True, sd_options: Mapping | None = None) -> LatentDiffusionPipeline:
+        """From a LatentDiffusion Lightning .ckpt or an exported folder (see LatentDiffusion.export), or a Stable
+        Diffusion single file / diffusers folder (ldm.convert; `sd_options`: model_type, tokenizer, use_ema, ...)."""
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"checkpoint {path} does not exist: pass ckpt=<run>/checkpoints/last.ckpt "
-                                    "or an exported folder (<run>/export)")
+            raise FileNotFoundError(f"checkpoint {path} does not exist: pass ckpt=<run>/checkpoints/last.ckpt, "
+                                    "an exported folder (<run>/export), an SD .ckpt/.safetensors or a diffusers folder")
+        from ldm import convert
+
+        if convert.detect_format(path, trust=trust) != "ldm":
+            options = {k: v for k, v in dict(sd_options or {}).items() if v is not None}
+            model = convert.load_latent_diffusion(path, trust=trust, **options)
+            return cls(model.to(resolve_device(device)), str(path), use_ema)
         model = LatentDiffusion.load(path, trust=trust, map_location="cpu")
         return cls(model.to(resolve_device(device)), str(path), use_ema)
 

@@ -8,9 +8,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from ldm.convert.tables import unet_state_dict_from_diffusers
 from ldm.nn.embeddings import timestep_embedding
 from ldm.nn.unet import ResBlock, UNetModel
-from ldm.nn.unet_keys import unet_state_dict_from_diffusers
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "unet"
 TINY = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
