@@ -3,7 +3,7 @@
     python sample.py ckpt=<path> prompt="a photo of a sneaker" n=16 sampler=dpmpp_2m steps=20 guidance=4 \
         seed=0 out=<dir>
     python sample.py ckpt=v1-5-pruned-emaonly.safetensors sd.tokenizer=<CLIP tokenizer> prompt="a cat" guidance=7.5 \
-        steps=30 sampler.steps_offset=1 height=512 width=512
+        steps=30 sampler.spacing=leading sampler.steps_offset=1 height=512 width=512
     python sample.py ckpt=<path> prompts_file=prompts.txt negative_prompt="blurry" sampler=ddim sampler.eta=0.5
 """
 

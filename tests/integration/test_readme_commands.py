@@ -35,6 +35,8 @@ def readme_commands(text: str) -> list[list[str]]:
             argv = shlex.split(line, comments=True)
             if argv[:2] in (["python", "train.py"], ["python", "sample.py"]) or argv[:2] == ["python", "-m"]:
                 commands.append(argv)
+            elif argv[:2] == ["ldm", "convert"]:  # the console script, run as its module
+                commands.append(["python", "-m", "ldm.cli", *argv[1:]])
     return commands
 
 
@@ -57,6 +59,13 @@ def train_overrides(args: list[str], i: int, data: dict[str, Path]) -> dict[str,
     forced.update({"data.train.root": str(data["images" if image_folder else "fmnist"]), "data.batch_size": "8",
                    "trainer.max_steps": "2", "trainer.val_check_interval": "2", "trainer.limit_val_batches": "1"})
     forced.update({"data.train.val_fraction": "0.2"} if image_folder else {"data.train.val_size": "32"})
+    if experiment.startswith("sd_"):  # the user's SD file: a tiny one, on 16×16 images
+        forced = dict(a.split("=", 1) for a in QUICK)
+        forced.update({"model.path": str(data["sd_file"]), "model.tokenizer": str(data["tokenizer"]),
+                       "data.train.root": str(data["images"]), "data.train.image_size": "16", "data.batch_size": "2",
+                       "data.train.val_fraction": "0.2", "model.val_prompts": "null", "trainer.max_steps": "2",
+                       "trainer.val_check_interval": "2", "trainer.limit_val_batches": "1",
+                       "trainer.accelerator": "cpu"})
     if experiment == "fmnist_ldm":
         forced.update({"model.sample_every_n_steps": "2", "model.val_steps": "2", "model.val_images_per_prompt": "1",
                        "model.val_prompts": "[a photo of a bag]"})
@@ -74,11 +83,33 @@ def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[
         return str(ROOT / script), with_overrides(args, train_overrides(args, i, data))
     if script == "sample.py":
         forced = {"steps": "2", "n": "1", "out": f"outputs/readme{i:02d}"}
+        ckpt = dict(a.split("=", 1) for a in args if "=" in a)["ckpt"]
+        if ckpt.startswith("/weights/"):  # the user's SD weights: tiny ones of the same kind, 16×16 images
+            forced.update({"ckpt": str(data["sd_file" if Path(ckpt).suffix else "sd_folder"]),
+                           "height": "16", "width": "16"})
+            if "sd.tokenizer" in {key(a) for a in args}:
+                forced["sd.tokenizer"] = str(data["tokenizer"])
         if "device" in {key(a) for a in args}:
             forced["device"] = "cpu"  # the command's bf16 precision is kept (autocast on CPU)
         return str(ROOT / script), with_overrides(args, forced)
+    if args[0] == "ldm.cli":  # argparse options, paths made by earlier commands
+        return f"-m {args[0]}", args[1:]
     forced = {k: v for k, v in train_overrides(args, i, data).items() if k.startswith("data.")}
     return f"-m {args[0]}", with_overrides(args[1:], forced)  # python -m ldm.<module>: the data keys only
+
+
+def tiny_sd_weights(folder: Path) -> dict[str, Path]:
+    """Stand-ins for a user's SD weights: an original-layout v1 file, a v2 diffusers folder, a CLIP tokenizer."""
+    import transformers
+
+    from tests.convert.test_from_original import original_file
+    from tests.convert.tiny import diffusers_parts, pipeline, write_tokenizer
+
+    tokenizer = write_tokenizer(folder / "tokenizer")
+    original_file("v1", folder / "sd_v1.ckpt")
+    pipeline(diffusers_parts("v2"), transformers.CLIPTokenizer.from_pretrained(tokenizer)).save_pretrained(
+        folder / "sd_v2_diffusers")
+    return {"tokenizer": tokenizer, "sd_file": folder / "sd_v1.ckpt", "sd_folder": folder / "sd_v2_diffusers"}
 
 
 def distributed(args: list[str]) -> bool:
@@ -88,7 +119,8 @@ def distributed(args: list[str]) -> bool:
 def test_every_readme_command_runs(tmp_path):
     commands = readme_commands((ROOT / "README.md").read_text(encoding="utf-8"))
     assert sum(c[1] == "train.py" for c in commands) >= 8 and sum(c[1] == "sample.py" for c in commands) >= 6
-    data = {"fmnist": make_fmnist(tmp_path / "data" / "fmnist"), "images": make_folder(tmp_path / "data" / "images")}
+    data = {"fmnist": make_fmnist(tmp_path / "data" / "fmnist"), "images": make_folder(tmp_path / "data" / "images"),
+            **tiny_sd_weights(tmp_path / "weights")}
     repo = tmp_path / "repo"  # stands for the user's checkout
     (repo / "outputs" / "demo").mkdir(parents=True)
     # what `make demo` leaves: the README's own LDM runs stand in for the demo's (a link to the newest)
