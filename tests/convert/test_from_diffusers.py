@@ -7,15 +7,9 @@ import torch
 from ldm.convert import convert, load_latent_diffusion, read_diffusers, weights_of, write_diffusers
 from tests.convert.tiny import diffusers_parts, pipeline, write_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATOL = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module", params=["v1", "v2"])

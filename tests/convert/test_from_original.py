@@ -13,17 +13,11 @@ from ldm.nn.autoencoder import AutoencoderKLNet
 from ldm.nn.unet import UNetModel
 from tests.convert.tiny import LAYOUTS, OpenCLIPText, diffusers, randomize, text_config, transformers, write_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ATOL = 1e-5
 UNETS = {"v1": dict(model_channels=32, num_heads=8, context_dim=64),
          "v2": dict(model_channels=64, num_head_channels=64, context_dim=128, use_linear_in_transformer=True)}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def original_file(layout: str, path, global_step: int = 123):

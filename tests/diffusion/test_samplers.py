@@ -19,19 +19,12 @@ from ldm.diffusion.samplers.dpm_solver import dpm_timesteps
 from ldm.diffusion.samplers.spacing import spaced_timesteps
 from ldm.diffusion.schedule import NoiseSchedule
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 diffusers = pytest.importorskip("diffusers")
 
 PRED = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 SD = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}  # not diffusers' defaults
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared machine: one thread is ~50x faster than fighting for two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def sd_schedule(T=1000, **kw):

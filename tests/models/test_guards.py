@@ -20,13 +20,7 @@ from ldm.models.latent_diffusion import LatentDiffusion
 from .test_autoencoder import datamodule, tiny_model
 from .test_latent_diffusion import Items, collate, tiny_unet
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

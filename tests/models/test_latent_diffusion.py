@@ -18,6 +18,8 @@ from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 from ldm.nn.text_encoder import FrozenTextEncoder
 from ldm.nn.unet import UNetModel
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
                 attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
 CAPTIONS = ["a photo of a bag", "a sneaker", "a coat", "a photo of a dress"]
@@ -46,15 +48,6 @@ class Items(Dataset):
 def collate(items):
     return {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items],
             "label": torch.tensor([it["label"] for it in items])}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny convolutions run far faster on one thread than on two contended ones (shared CI machines)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
