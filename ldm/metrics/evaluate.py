@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ldm.metrics.classifier import dataset_tensors, prompt_adherence
-from ldm.metrics.quality import SampleQuality, build_extractors
+from ldm.metrics.quality import SampleMetrics, build_extractors
 
 COLUMNS = ["sampler", "steps", "guidance", "n", "fid", "kid", "kid_std", "is", "adherence", "clip_score",
            "sampling_s", "images_per_s"]
@@ -42,12 +42,12 @@ def real_images(split: str = "test", n: int | None = None, image_size: int = 32,
 
 
 def make_quality(classifier: nn.Module | None, features: str = "classifier", inception_weights: str | None = None,
-                 kid_subset_size: int = 1000, inception_score: bool = True) -> SampleQuality:
+                 kid_subset_size: int = 1000, inception_score: bool = True) -> SampleMetrics:
     feature, logits = build_extractors(features, classifier, inception_weights)
-    return SampleQuality(feature, logits if inception_score else None, kid_subset_size=kid_subset_size)
+    return SampleMetrics(feature, logits if inception_score else None, kid_subset_size=kid_subset_size)
 
 
-def score(quality: SampleQuality, images: Tensor, labels: Tensor, classifier: nn.Module | None,
+def score(quality: SampleMetrics, images: Tensor, labels: Tensor, classifier: nn.Module | None,
           seed: int = 0) -> dict:
     """FID/KID/IS of `images` (in [-1, 1]) against the quality object's real set, and prompt adherence."""
     quality.reset()
@@ -59,13 +59,13 @@ def score(quality: SampleQuality, images: Tensor, labels: Tensor, classifier: nn
     return out
 
 
-def real_baseline(quality: SampleQuality, images: Tensor, labels: Tensor, classifier: nn.Module | None) -> dict:
+def real_baseline(quality: SampleMetrics, images: Tensor, labels: Tensor, classifier: nn.Module | None) -> dict:
     """The figures real images get against the reference set: the floor a generator is compared with."""
     row = score(quality, images, labels, classifier)
     return {"sampler": "real (train split)", "steps": 0, "guidance": 0.0, **row}
 
 
-def sample_grid(generate: Callable[..., Tensor], quality: SampleQuality, classifier: nn.Module | None,
+def sample_grid(generate: Callable[..., Tensor], quality: SampleMetrics, classifier: nn.Module | None,
                 prompts: Sequence[str], labels: Sequence[int], per_prompt: int, samplers: Sequence[str],
                 steps: Sequence[int], guidance: Sequence[float], seed: int = 0,
                 clip: Callable[[Tensor, list[str]], float | None] | None = None,

@@ -123,7 +123,7 @@ def build_extractors(features: str = "classifier", classifier: nn.Module | None 
     raise ValueError(f"features={features!r}: use one of {FEATURE_KINDS}")
 
 
-class SampleQuality(nn.Module):
+class SampleMetrics(nn.Module):
     """FID, KID (and Inception Score) of generated images against a real reference set, in one feature space.
 
     Real statistics survive `reset()` (reset_real_features=False), so a reference set is fed once and each
@@ -186,8 +186,8 @@ class SampleQuality(nn.Module):
 
 
 def frechet_distance_of(feature: nn.Module, real: Tensor, fake: Tensor) -> float:
-    """FID of two image sets in [-1, 1] in `feature`'s space (a one-off; SampleQuality for repeated use)."""
-    q = SampleQuality(feature, kid_subset_size=min(len(real), len(fake)))
+    """FID of two image sets in [-1, 1] in `feature`'s space (a one-off; SampleMetrics for repeated use)."""
+    q = SampleMetrics(feature, kid_subset_size=min(len(real), len(fake)))
     q.add_real(real)
     q.add_fake(fake)
     return q.compute()["fid"]

@@ -17,7 +17,7 @@ from PIL import Image
 from ldm.metrics.classifier import SmallCNN, save_classifier
 from ldm.metrics.evaluate import format_table, read_csv, sample_grid, write_csv
 from ldm.metrics.plot import plot_metric_vs_steps
-from ldm.metrics.quality import SampleQuality
+from ldm.metrics.quality import SampleMetrics
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 
@@ -86,7 +86,7 @@ def test_sample_grid_table_and_plot(tmp_path):
             x = x.float()
             return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1)
 
-    quality = SampleQuality(Mean(), kid_subset_size=8)
+    quality = SampleMetrics(Mean(), kid_subset_size=8)
     quality.add_real(torch.rand(40, 1, 4, 4) * 2 - 1)
     calls = []
 

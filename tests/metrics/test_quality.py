@@ -9,7 +9,7 @@ from torch import nn
 from ldm.metrics.classifier import SmallCNN
 from ldm.metrics.quality import (
     ClassifierFeatures,
-    SampleQuality,
+    SampleMetrics,
     build_extractors,
     clip_score,
     fit_to,
@@ -54,7 +54,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_of_a_shift_is_d_c_squared():
 
 def test_kid_is_near_zero_for_the_same_distribution_and_positive_for_a_shift():
     x = grey_levels(300)
-    q = SampleQuality(FirstPixels(), kid_subset_size=100, kid_subsets=10)
+    q = SampleMetrics(FirstPixels(), kid_subset_size=100, kid_subsets=10)
     q.add_real(x)
     q.add_fake(grey_levels(300, seed=1))
     same = q.compute(seed=0)
@@ -68,7 +68,7 @@ def test_kid_is_near_zero_for_the_same_distribution_and_positive_for_a_shift():
 
 
 def test_compute_needs_samples_and_kid_subsets_shrink_to_small_sets():
-    q = SampleQuality(FirstPixels(), kid_subset_size=1000)
+    q = SampleMetrics(FirstPixels(), kid_subset_size=1000)
     q.add_real(grey_levels(50))
     with pytest.raises(RuntimeError, match="at least 2"):
         q.compute()
@@ -89,7 +89,7 @@ def test_classifier_features_take_torchmetrics_inputs_of_any_size_and_channels()
     feat.train()
     assert not clf.training  # BatchNorm statistics never move
     fid, logits = build_extractors("classifier", clf)
-    q = SampleQuality(fid, logits, kid_subset_size=4)  # torchmetrics accepts it (num_features: no dummy pass)
+    q = SampleMetrics(fid, logits, kid_subset_size=4)  # torchmetrics accepts it (num_features: no dummy pass)
     q.add_real(torch.rand(6, 1, 32, 32) * 2 - 1)
     q.add_fake(torch.rand(6, 1, 32, 32) * 2 - 1)
     out = q.compute()
