@@ -67,8 +67,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", default=None)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--smoke", action="store_true", help="tiny random model and classifier, 2 images per prompt")
+    p.add_argument("--from-csv", default=None, help="summarise an eval.py table (its eval.csv) instead of sampling")
     p.add_argument("--out", default="outputs/bench/sampler_steps")
     args = p.parse_args(argv)
+    if args.from_csv:
+        return summarise(from_csv(args.from_csv), args, Path(args.out))
     tmp = tempfile.TemporaryDirectory() if args.smoke else None
     if args.smoke:
         args.ckpt = str(tiny_export(Path(tmp.name)))
@@ -86,16 +89,34 @@ def main(argv: list[str] | None = None) -> dict:
     rows = ev.sample_grid(ev.pipeline_generator(pipe, args.batch_size), quality, clf, prompts, labels,
                           args.per_prompt, args.samplers, args.steps, [args.guidance], seed=args.seed,
                           on_row=lambda r: print(ev.format_table([r]).splitlines()[1], flush=True))
+    return summarise(rows, args, Path(args.out), tmp)
+
+
+def from_csv(path: str) -> list[dict]:
+    """The sampled rows of an eval.py / sampler_steps.py table, numbers parsed."""
+    rows = []
+    for r in ev.read_csv(path):
+        if r.get("fid") and int(r["steps"] or 0) > 0:
+            rows.append({**r, "steps": int(r["steps"]), "guidance": float(r["guidance"]), "fid": float(r["fid"]),
+                         "images_per_s": float(r["images_per_s"])})
+    if not rows:
+        raise ValueError(f"{path}: no sampled rows with an FID")
+    return rows
+
+
+def summarise(rows: list[dict], args, out: Path, tmp=None) -> dict:
+    if len({r["guidance"] for r in rows}) > 1:
+        raise ValueError("rows at several guidance scales: compare samplers at one")
     summary = steps_to_target(rows, args.tolerance)
     reached = {s: v for s, v in summary["samplers"].items() if v}
     if reached:
         slowest = min(v["images_per_s"] for v in reached.values())
         for v in reached.values():
             v["speedup"] = round(v["images_per_s"] / slowest, 2)
-    out = Path(args.out)
     ev.write_csv(rows, out / "steps.csv")
-    plot_metric_vs_steps(rows, out / "fid_vs_steps.png", "fid", title=f"FID vs steps, guidance {args.guidance:g}")
-    summary.update(rows=rows, per_prompt=args.per_prompt, guidance=args.guidance, ckpt=str(args.ckpt),
+    guidance = rows[0]["guidance"]
+    plot_metric_vs_steps(rows, out / "fid_vs_steps.png", "fid", title=f"FID vs steps, guidance {guidance:g}")
+    summary.update(rows=rows, samples_per_cell=int(rows[0]["n"]), guidance=guidance, ckpt=str(args.ckpt),
                    smoke=args.smoke, tolerance=args.tolerance)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(ev.format_table(rows))

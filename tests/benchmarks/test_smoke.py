@@ -44,6 +44,19 @@ def test_sampler_steps_smoke(tmp_path):
     assert (tmp_path / "steps.csv").is_file() and (tmp_path / "fid_vs_steps.png").is_file()
 
 
+def test_sampler_steps_summarises_an_eval_table(tmp_path, capsys):
+    from ldm.metrics.evaluate import write_csv
+
+    rows = [{"sampler": "real (train split)", "steps": 0, "guidance": 0.0, "n": 1000, "fid": 0.4}]
+    rows += [{"sampler": s, "steps": k, "guidance": 6.0, "n": 1000, "fid": f, "images_per_s": 500 / k}
+             for s, k, f in [("ddim", 10, 3.0), ("ddim", 50, 2.0), ("dpmpp_2m", 10, 2.1), ("dpmpp_2m", 50, 2.0)]]
+    summary = load("sampler_steps").main(["--from-csv", str(write_csv(rows, tmp_path / "eval.csv")),
+                                          "--out", str(tmp_path / "s")])
+    assert summary["samplers"]["ddim"]["steps"] == 50 and summary["samplers"]["dpmpp_2m"]["steps"] == 10
+    assert summary["samplers"]["dpmpp_2m"]["speedup"] == 5.0 and summary["samples_per_cell"] == 1000
+    assert "does not reach" not in capsys.readouterr().out and (tmp_path / "s" / "fid_vs_steps.png").is_file()
+
+
 def test_steps_to_target_picks_the_fewest_steps_within_tolerance():
     mod = load("sampler_steps")
     rows = [{"sampler": "ddim", "steps": s, "fid": f, "images_per_s": 100 / s}
