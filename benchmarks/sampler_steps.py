@@ -94,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def from_csv(path: str) -> list[dict]:
     """The sampled rows of an eval.py / sampler_steps.py table, numbers parsed."""
-    rows = []
-    for r in ev.read_csv(path):
-        if r.get("fid") and int(r["steps"] or 0) > 0:
-            rows.append({**r, "steps": int(r["steps"]), "guidance": float(r["guidance"]), "fid": float(r["fid"]),
-                         "images_per_s": float(r["images_per_s"])})
+    def number(key: str, value: str):
+        if key == "sampler" or value == "":
+            return value or None
+        return int(value) if key in ("steps", "n") else float(value)
+
+    rows = [{k: number(k, v) for k, v in r.items()} for r in ev.read_csv(path)]
+    rows = [r for r in rows if r.get("fid") is not None and (r.get("steps") or 0) > 0]
     if not rows:
         raise ValueError(f"{path}: no sampled rows with an FID")
     return rows
