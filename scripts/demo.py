@@ -69,6 +69,9 @@ def main() -> None:
 
     run("autoencoder", [PY, "train.py", "experiment=fmnist_autoencoder", f"hydra.run.dir={ae_dir}",
                         *AE_OVERRIDES], timings, cpu)
+    classifier = ROOT / "outputs" / "classifier" / "fmnist_classifier.safetensors"  # fmnist_ldm's sample_quality
+    if not classifier.is_file():  # the judge of prompt adherence and FID features; trained once, then reused
+        run("classifier", [PY, "-m", "ldm.metrics.classifier", f"--out={classifier}"], timings, cpu)
     run("latent diffusion", [PY, "train.py", "experiment=fmnist_ldm", f"hydra.run.dir={ldm_dir}",
                              f"model.first_stage={ae_dir / 'export'}"], timings, cpu)
     ckpt = ldm_dir / "checkpoints" / "last.ckpt"

@@ -1,0 +1,68 @@
+"""The speed-suite benchmarks run end to end in their smoke modes (tiny sizes, one step) and report figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_ldm_caching_smoke(tmp_path, capsys):
+    figures = load("ldm_caching").main(["--smoke", "--out", str(tmp_path / "c.json")])
+    assert figures["cached_images_per_s"] > 0 and figures["uncached_images_per_s"] > 0
+    assert figures["speedup"] == pytest.approx(figures["cached_images_per_s"] / figures["uncached_images_per_s"],
+                                               rel=1e-2)
+    assert json.loads((tmp_path / "c.json").read_text())["smoke"] is True
+    assert "speed-up" in capsys.readouterr().out
+
+
+def test_sampler_steps_smoke(tmp_path):
+    summary = load("sampler_steps").main(["--smoke", "--out", str(tmp_path)])
+    assert set(summary["samplers"]) == {"ddim", "dpmpp_2m"} and len(summary["rows"]) == 4
+    reached = [v for v in summary["samplers"].values() if v is not None]  # at least the best cell's sampler
+    assert reached and all(v["steps"] in (1, 2) and v["fid"] <= summary["target_fid"] for v in reached)
+    assert (tmp_path / "steps.csv").is_file() and (tmp_path / "fid_vs_steps.png").is_file()
+
+
+def test_sampler_steps_summarises_an_eval_table(tmp_path, capsys):
+    from ldm.metrics.evaluate import write_csv
+
+    rows = [{"sampler": "real (train split)", "steps": 0, "guidance": 0.0, "n": 1000, "fid": 0.4}]
+    rows += [{"sampler": s, "steps": k, "guidance": 6.0, "n": 1000, "fid": f, "images_per_s": 500 / k}
+             for s, k, f in [("ddim", 10, 3.0), ("ddim", 50, 2.0), ("dpmpp_2m", 10, 2.1), ("dpmpp_2m", 50, 2.0)]]
+    summary = load("sampler_steps").main(["--from-csv", str(write_csv(rows, tmp_path / "eval.csv")),
+                                          "--out", str(tmp_path / "s")])
+    assert summary["samplers"]["ddim"]["steps"] == 50 and summary["samplers"]["dpmpp_2m"]["steps"] == 10
+    assert summary["samplers"]["dpmpp_2m"]["speedup"] == 5.0 and summary["samples_per_cell"] == 1000
+    assert "does not reach" not in capsys.readouterr().out and (tmp_path / "s" / "fid_vs_steps.png").is_file()
+
+
+def test_steps_to_target_picks_the_fewest_steps_within_tolerance():
+    mod = load("sampler_steps")
+    rows = [{"sampler": "ddim", "steps": s, "fid": f, "images_per_s": 100 / s}
+            for s, f in [(10, 9.0), (20, 5.2), (50, 5.0)]]
+    rows += [{"sampler": "dpmpp_2m", "steps": s, "fid": f, "images_per_s": 100 / s} for s, f in [(10, 5.4), (20, 5.1)]]
+    out = mod.steps_to_target(rows, tolerance=0.1)  # target 5.5
+    assert out["target_fid"] == pytest.approx(5.5)
+    assert out["samplers"]["ddim"]["steps"] == 20 and out["samplers"]["dpmpp_2m"]["steps"] == 10
+    assert mod.steps_to_target(rows, tolerance=0.0)["samplers"]["dpmpp_2m"] is None

@@ -1,0 +1,109 @@
+"""eval.py on a tiny exported checkpoint writes its table (CSV + text), JSON and plots; the table and plot
+helpers on their own."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from ldm.metrics.classifier import SmallCNN, save_classifier
+from ldm.metrics.evaluate import format_table, read_csv, sample_grid, write_csv
+from ldm.metrics.plot import plot_metric_vs_steps
+from ldm.metrics.quality import SampleMetrics
+from ldm.models.latent_diffusion import LatentDiffusion
+from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
+
+ROOT = Path(__file__).resolve().parents[2]
+DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
+                attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
+UNET = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1], num_res_blocks=1,
+            attention_resolutions=[1], num_head_channels=8, context_dim=384, norm_num_groups=8)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    """A tiny text-conditioned model making 16 px images, exported, and a 16 px classifier (random weights)."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("eval")
+    save_pretrained(AutoencoderKLNet(DDCONFIG, 4), root / "ae", scale_factor=0.5)
+    model = LatentDiffusion(unet=UNET, first_stage=str(root / "ae"), text_encoder={"max_length": 16},
+                            schedule={"name": "linear", "num_timesteps": 100}, ema_decay=None)
+    model.latent_size.fill_(8)
+    model.export(root / "export")
+    save_classifier(SmallCNN(width=4, image_size=16).eval(), root / "clf.safetensors")
+    return root
+
+
+def load_eval_script():
+    spec = importlib.util.spec_from_file_location("eval_script", ROOT / "eval.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_eval_command_writes_its_table_and_plots(tiny, capsys):
+    """eval.py's own function on the composed conf/eval.yaml, in-process (a subprocess would spend most of a
+    test's budget importing torchmetrics and transformers again)."""
+    out = tiny / "out"
+    overrides = [f"ckpt={tiny / 'export'}", "n=2", "samplers=[ddim,dpmpp_2m]", "steps=[2,3]", "guidance=[3.0]",
+                 f"metrics.classifier={tiny / 'clf.safetensors'}", "metrics.train_classifier_if_missing=false",
+                 "metrics.kid_subset_size=10", "real.n=40", "baseline_n=30", "batch_size=20", "device=cpu",
+                 f"out={out}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=overrides)
+    load_eval_script().evaluate_checkpoint(cfg)
+    assert "real baseline: 30 training images vs the test split (40)" in capsys.readouterr().out
+    rows = read_csv(out / "eval.csv")
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("real (train split)", "0"), ("ddim", "2"), ("ddim", "3"),
+                                                         ("dpmpp_2m", "2"), ("dpmpp_2m", "3")]
+    for r in rows:
+        assert float(r["fid"]) >= 0 and r["kid"] != "" and 0 <= float(r["adherence"]) <= 1
+    assert all(r["n"] == "20" for r in rows[1:]) and float(rows[1]["images_per_s"]) > 0
+    assert "dpmpp_2m" in (out / "eval.txt").read_text() and (out / "eval.json").is_file()
+    for metric in ("fid", "kid", "adherence"):
+        assert Image.open(out / f"{metric}_vs_steps.png").size == (640, 420)
+
+
+def test_eval_without_a_checkpoint_is_a_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "eval.py", f"out={tmp_path}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "give ckpt=" in proc.stderr
+
+
+def test_sample_grid_table_and_plot(tmp_path):
+    class Mean(torch.nn.Module):
+        num_features = 2
+
+        def forward(self, x):
+            x = x.float()
+            return torch.stack([x.mean((1, 2, 3)), x.std((1, 2, 3))], 1)
+
+    quality = SampleMetrics(Mean(), kid_subset_size=8)
+    quality.add_real(torch.rand(40, 1, 4, 4) * 2 - 1)
+    calls = []
+
+    def generate(prompts, n, sampler, steps, guidance, seed):  # more steps → closer to the real distribution
+        calls.append((sampler, steps))
+        g = torch.Generator().manual_seed(seed)
+        return (torch.rand(len(prompts) * n, 1, 4, 4, generator=g) * 2 - 1) * (1 - 1 / steps)
+
+    rows = sample_grid(generate, quality, None, ["a", "b"], [0, 1], 10, ["ddim", "heun"], [2, 8], [1.0, 4.0])
+    assert len(rows) == 8 and calls[:2] == [("ddim", 2), ("ddim", 8)]
+    ddim = [r for r in rows if r["sampler"] == "ddim" and r["guidance"] == 1.0]
+    assert ddim[0]["fid"] > ddim[1]["fid"] and "adherence" not in ddim[0]
+    path = write_csv(rows, tmp_path / "t.csv")
+    assert next(csv.reader(path.open()))[:3] == ["sampler", "steps", "guidance"]
+    assert format_table(rows).splitlines()[0].split()[:4] == ["sampler", "steps", "guidance", "n"]
+    png = plot_metric_vs_steps(read_csv(path), tmp_path / "fid.png", "fid")
+    image = Image.open(png).convert("RGB")
+    assert len(set(image.getdata())) > 4  # axes, grid, four coloured lines (sampler × guidance)
+    with pytest.raises(ValueError, match="no rows"):
+        plot_metric_vs_steps([], tmp_path / "empty.png")
