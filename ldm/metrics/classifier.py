@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--data-root", default=None)
+    p.add_argument("--val-size", type=int, default=None, help="training images held out (default: the data set's 5000)")
     p.add_argument("--max-seconds", type=float, default=None)
     p.add_argument("--limit", type=int, default=None, help="train on the first N images only (smoke tests)")
     args = p.parse_args(argv)
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> None:
     from ldm.data.fashion_mnist import FashionMNIST
 
     kw = {"root": args.data_root} if args.data_root else {}
+    if args.val_size is not None:
+        kw["val_size"] = args.val_size
     train = FashionMNIST(split="train", image_size=args.image_size, **kw)
     if args.limit:
         images, labels = dataset_tensors(train, args.image_size)

@@ -30,10 +30,14 @@ def class_prompts(template: str = "a photo of a {}", classes: Sequence[int] | No
 
 def real_images(split: str = "test", n: int | None = None, image_size: int = 32, root: str | None = None,
                 seed: int = 0) -> tuple[Tensor, Tensor]:
-    """Up to `n` Fashion-MNIST images of a split (a seeded random subset) in [-1, 1], with labels."""
+    """Up to `n` Fashion-MNIST images of a split (a seeded random subset) in [-1, 1], with labels; "train" is the
+    whole training file (no validation hold-out: the reference is another split)."""
     from ldm.data.fashion_mnist import FashionMNIST
 
-    data = FashionMNIST(split=split, image_size=image_size, **({"root": root} if root else {}))
+    kw = {"root": root} if root else {}
+    if split == "train":
+        kw["val_size"] = 0
+    data = FashionMNIST(split=split, image_size=image_size, **kw)
     images, labels = dataset_tensors(data, image_size)
     if n is not None and n < len(images):
         idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n].sort().values

@@ -33,7 +33,8 @@ def readme_commands(text: str) -> list[list[str]]:
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
-            if argv[:2] in (["python", "train.py"], ["python", "sample.py"]) or argv[:2] == ["python", "-m"]:
+            if argv[:2] in (["python", "train.py"], ["python", "sample.py"], ["python", "eval.py"]) \
+                    or argv[:2] == ["python", "-m"]:
                 commands.append(argv)
             elif argv[:2] == ["ldm", "convert"]:  # the console script, run as its module
                 commands.append(["python", "-m", "ldm.cli", *argv[1:]])
@@ -92,6 +93,13 @@ def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[
         if "device" in {key(a) for a in args}:
             forced["device"] = "cpu"  # the command's bf16 precision is kept (autocast on CPU)
         return str(ROOT / script), with_overrides(args, forced)
+    if script == "eval.py":  # a few tiny images per cell, the generated data as the real set
+        forced = {"n": "1", "steps": "[2]", "samplers": "[ddim]", "real.root": str(data["fmnist"]), "real.n": "32",
+                  "baseline_n": "32", "metrics.kid_subset_size": "8", "batch_size": "16"}
+        return str(ROOT / script), with_overrides(args, forced)
+    if args[0] == "ldm.metrics.classifier":  # argparse: the last occurrence of an option wins
+        return f"-m {args[0]}", [*args[1:], "--data-root", str(data["fmnist"]), "--epochs", "1",
+                                    "--val-size", "32"]
     if args[0] == "ldm.cli":  # argparse options, paths made by earlier commands
         return f"-m {args[0]}", args[1:]
     forced = {k: v for k, v in train_overrides(args, i, data).items() if k.startswith("data.")}
