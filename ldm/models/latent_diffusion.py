@@ -309,14 +309,16 @@ class LatentDiffusion(pl.LightningModule):
         return self.hparams.variance_type == "learned_range"
 
     def make_denoiser(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      guidance: float = 1.0, guidance_rescale: float = 0.0, use_ema: bool = True) -> Denoiser:
-        """The U-Net (EMA by default) with prompts and classifier-free guidance folded in, as a Denoiser."""
+                      guidance: float = 1.0, guidance_rescale: float = 0.0, use_ema: bool = True,
+                      context: tuple[Tensor, Tensor] | None = None) -> Denoiser:
+        """The U-Net (EMA by default) with prompts and classifier-free guidance folded in, as a Denoiser.
+        `context` = (ctx, mask) stands in for the prompts' encoding (e.g. interpolated embeddings)."""
         net = self.ema_unet if use_ema and self.ema_unet is not None else self.unet
         hp = self.hparams
         if self.text_encoder is None:
             model_fn: Callable = lambda x, t: net(x, t)
         else:
-            ctx, mask = self.encode_text(prompts)
+            ctx, mask = self.encode_text(prompts) if context is None else context
             if guidance == 1.0:
                 model_fn = lambda x, t: net(x, t, context=ctx, context_mask=mask)
             else:
