@@ -1,0 +1,75 @@
+"""Conditioning of LatentDiffusion besides the text: condition dropout for classifier-free guidance, and the
+concatenation key `concat` (inpainting mask + masked latent, a low-resolution image, a segmentation map).
+
+`concat` is resized to the latent grid by one function, `concat_to_latent_grid`, and joined to the state by one
+wrapper, `with_concat`, so the U-Net sees cat([z_t, c_concat]) on every path (training loss, validation,
+sampling, guidance: both branches of CFG get the same c_concat, as SD's inpainting and upscaling models).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ldm import rng
+from ldm.nn.text_encoder import pad_context
+
+
+def concat_to_latent_grid(c: Tensor, latent_hw: tuple[int, int], batch: int | None = None) -> Tensor:
+    """(B or 1, C, H, W) at any resolution → (B, C, h, w) on the latent grid: area-averaged when shrinking (a
+    mask or one-hot map becomes coverage fractions), bilinear when enlarging, unchanged when it already fits."""
+    if c.ndim != 4:
+        raise ValueError(f"concat conditioning must be (B, C, H, W), got {tuple(c.shape)}")
+    h, w = int(latent_hw[0]), int(latent_hw[1])
+    c = c.float()
+    if tuple(c.shape[-2:]) != (h, w):
+        shrink = c.shape[-2] >= h and c.shape[-1] >= w
+        c = F.interpolate(c, size=(h, w), mode="area") if shrink else \
+            F.interpolate(c, size=(h, w), mode="bilinear", align_corners=False)
+    if batch is not None and c.shape[0] != batch:
+        if c.shape[0] != 1:
+            raise ValueError(f"concat conditioning has batch {c.shape[0]}, expected {batch} or 1")
+        c = c.expand(batch, -1, -1, -1)
+    return c
+
+
+def with_concat(net: nn.Module, concat_channels: int) -> Callable[..., Tensor]:
+    """net(x, t, **cond) called as net(cat([x, c]), t, **rest), c = concat_to_latent_grid(concat, x's grid): the one
+    place the key is resized and joined. `concat` is required when concat_channels > 0, refused otherwise."""
+    if not concat_channels:
+        return lambda x, t, concat=None, **cond: net(x, t, **cond) if concat is None else _unexpected()
+
+    def fn(x: Tensor, t: Tensor, concat: Tensor | None = None, **cond) -> Tensor:
+        if concat is None:
+            raise ValueError(f"this model is conditioned on {concat_channels} concatenated channels: pass concat=")
+        if concat.ndim != 4 or concat.shape[1] != concat_channels:
+            raise ValueError(f"concat must have {concat_channels} channels (B, {concat_channels}, H, W), got "
+                             f"{tuple(concat.shape)}")
+        c = concat_to_latent_grid(concat.to(x.device), x.shape[-2:], x.shape[0]).to(x.dtype)
+        return net(torch.cat([x, c], 1), t, **cond)
+    return fn
+
+
+def _unexpected() -> Tensor:
+    raise ValueError("concat= given but this model has concat_channels=0")
+
+
+def drop_condition(context: Tensor, mask: Tensor, null_context: Tensor, null_mask: Tensor, prob: float,
+                   generator: rng.Generator = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Replace a Bernoulli(prob) subset of the batch's contexts by the null (empty-prompt) context, the
+    unconditional branch of classifier-free guidance. Returns (context, mask, dropped (B,) bool)."""
+    b = context.shape[0]
+    dropped = rng.rand((b,), generator, device=context.device) < prob
+    if not bool(dropped.any()):
+        return context, mask, dropped
+    length = max(context.shape[1], null_context.shape[1])
+    context, mask = pad_context(context, mask, length)
+    null_context, null_mask = pad_context(null_context, null_mask, length)
+    context = torch.where(dropped[:, None, None], null_context.to(context.dtype).expand(b, -1, -1), context)
+    mask = torch.where(dropped[:, None], null_mask.expand(b, -1), mask)
+    return context, mask, dropped
+
+
