@@ -89,20 +89,27 @@ class EditingPipeline(LatentDiffusionPipeline):
                 "negative_prompt": negative_prompt or "", "height": h, "width": w, "precision": precision,
                 "weights": "ema" if self.use_ema else "raw", "checkpoint": self.checkpoint, "n": int(n), **extra}
 
-    def _denoiser(self, prompts, negative_prompt, guidance, guidance_rescale, context=None):
+    def _denoiser(self, prompts, negative_prompt, guidance, guidance_rescale, context=None, concat=None):
         guidance = guidance if self.model.text_encoder is not None else 1.0
         return self.model.make_denoiser(list(prompts), negative_prompt, guidance, guidance_rescale, self.use_ema,
-                                        context=context)
+                                        context=context, concat=concat)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """A model trained with concat_source='inpaint' (mask + masked-image latent concatenated, as SD-inpainting)."""
+        return self.model.hparams.get("concat_source") == "inpaint"
 
     # ---- img2img and inpainting ------------------------------------------------------------------
     @torch.no_grad()
     def img2img(self, image, prompts, strength: float = 0.6, n: int = 1, negative_prompt: str | None = "",
                 sampler: str = "ddim", sampler_options: Mapping | None = None, steps: int = 50,
                 guidance: float = 4.0, guidance_rescale: float = 0.0, seed: int = 0, batch_size: int = 16,
-                precision: str = "fp32", progress: bool = True, mask=None, paste: bool = True) -> dict:
+                precision: str = "fp32", progress: bool = True, mask=None, paste: bool = True,
+                blend: bool | None = None) -> dict:
         """SDEdit: the image's latent noised to strength·T and denoised with int(steps·strength) steps of
         `sampler` under the prompt. strength 0 returns the input itself. With `mask` (1 = repaint) this is
-        inpainting: the known region is blended in at every step (and pasted back in pixels if `paste`)."""
+        inpainting: the known region is blended in at every step (`blend`; default: unless the model is an
+        inpainting model, which sees mask and masked image through `concat`) and pasted back in pixels (`paste`)."""
         strength = editing.check_strength(strength)
         fn, items, seeds = self._setup(prompts, n, sampler, steps, precision, seed)
         image = self.load_image(image).to(self.device)
@@ -110,6 +117,13 @@ class EditingPipeline(LatentDiffusionPipeline):
         pixel_mask = self._mask(mask, size).to(self.device) if mask is not None else None
         z_known = self.model.encode_images(image)  # posterior mean, (1, c, h, w)
         latent_mask = editing.mask_to_latent(pixel_mask, z_known.shape[-2:]) if pixel_mask is not None else None
+        concat = None
+        if self.is_inpainting_model:
+            if pixel_mask is None:
+                raise ValueError("this is an inpainting model: give a mask (mode=inpaint)")
+            from ldm.models.conditioning import inpainting_concat
+            concat = inpainting_concat(self.model, image, pixel_mask)
+        blend = (not self.is_inpainting_model) if blend is None else bool(blend)
         chunks, unpasted = [], []
         for start in range(0, len(items), int(batch_size)):
             batch, batch_seeds = items[start:start + batch_size], seeds[start:start + batch_size]
@@ -118,8 +132,8 @@ class EditingPipeline(LatentDiffusionPipeline):
                 chunks.append(image.expand(len(batch), -1, -1, -1).float().cpu())
                 unpasted.append(chunks[-1])
                 continue
-            den = self._denoiser(batch, negative_prompt, guidance, guidance_rescale)
-            if latent_mask is not None:
+            den = self._denoiser(batch, negative_prompt, guidance, guidance_rescale, concat=concat)
+            if latent_mask is not None and blend:
                 den = editing.KnownRegionDenoiser(den, z0, latent_mask, self._noise(batch_seeds, z_known, 1 << 20))
             gen = torch.Generator(device=self.device).manual_seed(batch_seeds[0] + 1)
             with self._autocast(precision):
@@ -137,7 +151,8 @@ class EditingPipeline(LatentDiffusionPipeline):
         if pixel_mask is not None:
             keep = (pixel_mask.cpu() < 0.5).expand_as(images)
             err = lambda out: float((out - image.cpu()).abs()[keep].max()) if bool(keep.any()) else 0.0  # noqa: E731
-            extra.update(paste=bool(paste), known_region_max_abs_error=err(images),
+            extra.update(paste=bool(paste), blend=blend, inpainting_model=self.is_inpainting_model,
+                         known_region_max_abs_error=err(images),
                          known_region_max_abs_error_unpasted=err(torch.cat(unpasted)),
                          masked_fraction=float(pixel_mask.mean()))
         mode = "inpaint" if pixel_mask is not None else "img2img"

@@ -177,3 +177,28 @@ def test_sample_py_img2img_end_to_end_and_errors(files, tmp_path):
                           (["mode=paint"], "choose one of")]:
         proc = run(*args, f"out={tmp_path / 'bad'}")
         assert proc.returncode != 0 and message in proc.stderr + proc.stdout, (args, proc.stderr[-2000:])
+
+
+def test_inpainting_model_sees_mask_and_masked_image(files, tmp_path):
+    """A 9-channel model (concat_source='inpaint'): no blending needed, known pixels pasted, the condition wired."""
+    torch.manual_seed(0)
+    model = LatentDiffusion(unet={**UNET, "in_channels": 9}, first_stage=str(files["root"] / "ae"),
+                            text_encoder={"max_length": 16}, schedule={"name": "linear", "num_timesteps": 100},
+                            ema_decay=None, concat_channels=5, concat_source="inpaint")
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.latent_size.fill_(8)
+    model.export(tmp_path / "inpaint", use_ema=False)
+    pipe = EditingPipeline.from_checkpoint(tmp_path / "inpaint", device="cpu")
+    assert pipe.is_inpainting_model
+    image = pipe.load_image(files["image"])
+    out = pipe.inpaint(files["image"], files["mask"], "a coat", **KW)
+    keep = (pipe._mask(files["mask"], (16, 16)) == 0)
+    assert out["settings"]["known_region_max_abs_error"] == 0.0 and out["settings"]["blend"] is False
+    assert float((out["images"] - image).abs()[keep].max()) == 0.0
+    other = pipe.inpaint(-image, files["mask"], "a coat", paste=False, **KW)["images"]
+    raw = pipe.inpaint(files["image"], files["mask"], "a coat", paste=False, **KW)["images"]
+    assert float((other - raw).abs()[~keep].mean()) > 1e-3  # the masked image's latent reaches the U-Net
+    with pytest.raises(ValueError, match="inpainting model: give a mask"):
+        pipe.img2img(files["image"], "a coat", **KW)

@@ -73,3 +73,31 @@ def drop_condition(context: Tensor, mask: Tensor, null_context: Tensor, null_mas
     return context, mask, dropped
 
 
+
+
+CONCAT_SOURCES = (None, "batch", "inpaint")
+
+
+def inpainting_concat(model, image: Tensor, mask: Tensor) -> Tensor:
+    """SD-inpainting's condition: cat([mask on the latent grid, latent of the masked image]), (B, 1 + c, h, w).
+    image (B, C, H, W) in [-1, 1]; mask (B or 1, 1, H, W), 1 = hidden (its pixels are set to 0 before encoding)."""
+    if mask.ndim != 4 or mask.shape[1] != 1 or mask.shape[-2:] != image.shape[-2:]:
+        raise ValueError(f"mask must be (B, 1, {image.shape[-2]}, {image.shape[-1]}) like the image, got "
+                         f"{tuple(mask.shape)}")
+    mask = (mask.to(image.device, torch.float32) > 0.5).float().expand(image.shape[0], -1, -1, -1)
+    z_masked = model.encode_images(image * (1 - mask))
+    return torch.cat([concat_to_latent_grid(mask, z_masked.shape[-2:]).to(z_masked), z_masked], 1)
+
+
+def batch_concat(model, batch: dict) -> Tensor:
+    """The `concat` condition of a training batch: batch["concat"] (concat_source "batch"), or built from the
+    images and batch["mask"] (concat_source "inpaint"; needs pixel images, not the latent cache)."""
+    source = model.hparams.get("concat_source") or "batch"
+    if source == "inpaint":
+        if batch.get("mask") is None or batch["image"].ndim != 4:
+            raise ValueError("concat_source='inpaint' needs pixel images and a 'mask' per item (data.masks=..., "
+                             "latent_cache=false)")
+        return inpainting_concat(model, batch["image"], batch["mask"])
+    if batch.get("concat") is None:
+        raise ValueError(f"concat_channels={model.concat_channels}: the batch needs a 'concat' tensor")
+    return batch["concat"]

@@ -22,7 +22,7 @@ from ldm.diffusion.objectives import LOSS_TYPES, diffusion_training_loss, offset
 from ldm.diffusion.samplers import get_sampler
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.models import ldm_parts as parts
-from ldm.models.conditioning import drop_condition, with_concat
+from ldm.models.conditioning import CONCAT_SOURCES, batch_concat, drop_condition, with_concat
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
@@ -75,12 +75,15 @@ class LatentDiffusion(pl.LightningModule):
         image_log_dir: str | None = None,
         trust_checkpoint: bool = False,
         concat_channels: int = 0,
+        concat_source: str | None = None,
     ):
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(parts.plain_hparams(args))
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if concat_source not in CONCAT_SOURCES:
+            raise ValueError(f"concat_source must be one of {CONCAT_SOURCES}, got {concat_source!r}")
         if variance_type not in VARIANCE_TYPES or loss_type not in LOSS_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} (got {variance_type!r}) and "
                              f"loss_type one of {LOSS_TYPES} (got {loss_type!r})")
@@ -173,9 +176,7 @@ class LatentDiffusion(pl.LightningModule):
         z0 = self.get_latents(batch, generator)
         cond = self.condition(batch["caption"], drop_prob, generator) if self.text_encoder is not None else {}
         if self.concat_channels:
-            if batch.get("concat") is None:
-                raise ValueError(f"concat_channels={self.concat_channels}: the batch needs a 'concat' tensor")
-            cond["concat"] = batch["concat"]
+            cond["concat"] = batch_concat(self, batch)
         t = rng.randint(self.schedule.num_timesteps, (z0.shape[0],), generator, device=z0.device)
         noise = offset_noise(z0, hp.offset_noise, generator=generator)
         x_t = self.schedule.q_sample(z0, t, noise)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.models.conditioning import concat_to_latent_grid, with_concat
+from ldm.models.conditioning import concat_to_latent_grid, inpainting_concat, with_concat
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 from ldm.nn.unet import UNetModel
@@ -118,3 +118,30 @@ def test_unet_input_channels_must_add_up(ae_dir):
     with pytest.raises(ValueError, match=r"4 \+ 2 concatenated channels .* in_channels=4"):
         LatentDiffusion(unet=unet(4), first_stage=str(ae_dir), concat_channels=2, text_encoder=None,
                         schedule={"name": "linear", "num_timesteps": 50}, ema_decay=None)
+
+
+def test_inpainting_concat_is_mask_and_masked_latent(ae_dir):
+    m = LatentDiffusion(unet=unet(9), first_stage=str(ae_dir), concat_channels=5, concat_source="inpaint",
+                        text_encoder=None, schedule={"name": "linear", "num_timesteps": 50}, ema_decay=None)
+    with torch.no_grad():  # a non-zero output layer
+        for p in m.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    image = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, :, :8, :4] = 1
+    c = inpainting_concat(m, image, mask)
+    assert c.shape == (2, 5, 8, 8)
+    expected = torch.zeros(8, 8)
+    expected[:4, :2] = 1
+    torch.testing.assert_close(c[0, 0], expected)  # the mask, area-averaged onto the latent grid
+    torch.testing.assert_close(c[:, 1:], m.encode_images(image * (1 - mask)))
+    loss = [float(m._loss(m.unet, {"image": image, "caption": ["", ""], "mask": mk}, 0.0,
+                          torch.Generator().manual_seed(1))[0]) for mk in (mask, 1 - mask)]
+    assert loss[0] != loss[1]  # the mask reaches the U-Net in training
+    with pytest.raises(ValueError, match="needs pixel images and a 'mask'"):
+        m._loss(m.unet, {"image": image, "caption": ["", ""]}, 0.0)
+    with pytest.raises(ValueError, match="like the image"):
+        inpainting_concat(m, image, torch.zeros(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="concat_source must be one of"):
+        LatentDiffusion(unet=unet(9), first_stage=str(ae_dir), concat_channels=5, concat_source="paint",
+                        text_encoder=None, ema_decay=None)
