@@ -7,6 +7,7 @@
     python sample.py ckpt=<path> mode=inpaint init_image=in.png mask=mask.png prompt="a photo of a coat"
     python sample.py ckpt=<path> mode=invert init_image=in.png prompt="a shirt" edit_prompt="a coat"
     python sample.py ckpt=<path> mode=interpolate prompt="a sneaker" prompt2="an ankle boot" frames=8
+    python sample.py ckpt=<upscaler> mode=upscale init_image=small.png prompt="a shirt" noise_level=20
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return [str(cfg.prompt)]
 
 
-MODES = ("txt2img", "img2img", "inpaint", "invert", "interpolate")
+MODES = ("txt2img", "img2img", "inpaint", "invert", "interpolate", "upscale")
 
 
 def check_mode(cfg: DictConfig) -> None:
     """Mode and its inputs, checked before any model is loaded."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r}: choose one of {', '.join(MODES)}")
-    if cfg.mode in ("img2img", "inpaint", "invert") and not cfg.init_image:
+    if cfg.mode in ("img2img", "inpaint", "invert", "upscale") and not cfg.init_image:
         raise ValueError(f"mode={cfg.mode} needs init_image=<image file>")
     if cfg.init_image and not Path(cfg.init_image).is_file():
         raise FileNotFoundError(f"init_image={cfg.init_image} does not exist")
@@ -74,6 +75,9 @@ def run_mode(pipe, cfg: DictConfig, prompts: list[str]) -> dict:
                            guidance=cfg.inversion_guidance, edit_guidance=cfg.guidance,
                            negative_prompt=cfg.negative_prompt, spacing=sampler.get("spacing", "leading"),
                            seed=cfg.seed, progress=cfg.progress)
+    if cfg.mode == "upscale":
+        return pipe.upscale(cfg.init_image, prompts, noise_level=cfg.noise_level, reference=cfg.reference, **batch,
+                            **common)
     both = prompts[:1] + ([str(cfg.prompt2)] if cfg.prompt2 is not None else [])
     return pipe.interpolate(both, frames=cfg.frames, seed2=cfg.seed2, **common)
 

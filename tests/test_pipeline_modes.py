@@ -202,3 +202,58 @@ def test_inpainting_model_sees_mask_and_masked_image(files, tmp_path):
     assert float((other - raw).abs()[~keep].mean()) > 1e-3  # the masked image's latent reaches the U-Net
     with pytest.raises(ValueError, match="inpainting model: give a mask"):
         pipe.img2img(files["image"], "a coat", **KW)
+
+
+def tiny_concat_model(files, path: Path, **kwargs) -> Path:
+    torch.manual_seed(0)
+    unet = {**UNET, **kwargs.pop("unet")}
+    model = LatentDiffusion(unet=unet, first_stage=str(files["root"] / "ae"), text_encoder={"max_length": 16},
+                            schedule={"name": "linear", "num_timesteps": 100}, ema_decay=None, **kwargs)
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.latent_size.fill_(8)
+    model.export(path, use_ema=False)
+    return path
+
+
+def test_upscale_mode_reports_psnr_ssim_against_bicubic(files, tmp_path):
+    import sample
+
+    export = tiny_concat_model(files, tmp_path / "up", unet={"in_channels": 8, "num_classes": 20},
+                               concat_channels=4, concat_source="upscale")
+    small = files["root"] / "small.png"
+    save_png(torch.linspace(-1, 1, 64).view(1, 8, 8), small)
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("sample", overrides=[f"ckpt={export}", "mode=upscale", f"init_image={small}", "prompt=a bag",
+                                           "n=2", "steps=3", "noise_level=5", f"reference={files['image']}",
+                                           "device=cpu", "progress=false", f"out={tmp_path / 'out'}"])
+    sample.check_mode(cfg)
+    pipe = EditingPipeline.from_checkpoint(export, device="cpu")
+    written = pipe.save(sample.run_mode(pipe, cfg, sample.read_prompts(cfg)), cfg.out)
+    meta = json.loads(written["metadata"].read_text())["settings"]
+    assert meta["mode"] == "upscale" and meta["noise_level"] == 5 and meta["lowres_size"] == [8, 8]
+    assert {"psnr_db", "ssim", "bicubic_psnr_db", "bicubic_ssim"} <= set(meta) and len(written["images"]) == 2
+    a = pipe.upscale(small, "a bag", noise_level=0, steps=3, progress=False)["images"]
+    b = pipe.upscale(small, "a bag", noise_level=19, steps=3, progress=False)["images"]
+    assert not torch.allclose(a, b)  # the noise level is a condition
+    with pytest.raises(ValueError, match="noise_level must be in"):
+        pipe.upscale(small, "a bag", noise_level=20, progress=False)
+    plain = EditingPipeline.from_checkpoint(files["export"], device="cpu")
+    with pytest.raises(ValueError, match="needs a super-resolution model"):
+        plain.upscale(small, "a bag", progress=False)
+
+
+def test_semantic_map_condition_reaches_text_to_image(files, tmp_path):
+    from ldm.data.segmentation import one_hot_map
+
+    export = tiny_concat_model(files, tmp_path / "sem", unet={"in_channels": 7}, concat_channels=3,
+                               concat_source="batch")
+    pipe = EditingPipeline.from_checkpoint(export, device="cpu")
+    maps = torch.zeros(2, 16, 16, dtype=torch.long)
+    maps[1, 4:12, 4:12] = 2
+    out = pipe.text_to_image("a bag", n=2, steps=3, progress=False, concat=one_hot_map(maps))["images"]
+    same = pipe.text_to_image("a bag", n=2, steps=3, progress=False, concat=one_hot_map(maps[:1]))["images"]
+    assert torch.allclose(out[0], same[0], atol=1e-5) and not torch.allclose(out[1], same[1], atol=1e-3)
+    with pytest.raises(ValueError, match="3 conditions for 2 images"):
+        pipe.text_to_image("a bag", n=2, steps=2, progress=False, concat=one_hot_map(maps[[0, 1, 1]]))

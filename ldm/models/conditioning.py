@@ -75,7 +75,7 @@ def drop_condition(context: Tensor, mask: Tensor, null_context: Tensor, null_mas
 
 
 
-CONCAT_SOURCES = (None, "batch", "inpaint")
+CONCAT_SOURCES = (None, "batch", "inpaint", "upscale")
 
 
 def inpainting_concat(model, image: Tensor, mask: Tensor) -> Tensor:
@@ -89,15 +89,36 @@ def inpainting_concat(model, image: Tensor, mask: Tensor) -> Tensor:
     return torch.cat([concat_to_latent_grid(mask, z_masked.shape[-2:]).to(z_masked), z_masked], 1)
 
 
-def batch_concat(model, batch: dict) -> Tensor:
-    """The `concat` condition of a training batch: batch["concat"] (concat_source "batch"), or built from the
-    images and batch["mask"] (concat_source "inpaint"; needs pixel images, not the latent cache)."""
+def upscale_condition(model, lowres: Tensor, size: tuple[int, int], noise_level: Tensor,
+                      generator: rng.Generator = None) -> dict:
+    """SD-x4-upscaler-style condition: the low-resolution image bicubic-upsampled to `size`, encoded, and noised to
+    `noise_level` (B,) on the model's schedule (noise augmentation); the level is embedded through the U-Net's class
+    embedding (y), so the model learns to trust a noisy condition less. Returns {"concat", "y"}."""
+    from ldm.data.superres import bicubic
+
+    noise_level = noise_level.to(model.device).long()
+    z = model.encode_images(bicubic(lowres.to(model.device, torch.float32), tuple(size)))
+    eps = rng.randn(z.shape, generator, device=z.device, dtype=z.dtype)
+    return {"concat": model.schedule.q_sample(z, noise_level.expand(z.shape[0]), eps),
+            "y": noise_level.expand(z.shape[0])}
+
+
+def batch_conditions(model, batch: dict, generator: rng.Generator = None) -> dict:
+    """The U-Net's extra conditions for a training batch: {"concat": batch["concat"]} (concat_source "batch"),
+    built from the images and batch["mask"] ("inpaint"), or from batch["lowres"] with a random noise level in
+    [0, unet.num_classes) ("upscale"); the last two need pixel images, not the latent cache."""
     source = model.hparams.get("concat_source") or "batch"
-    if source == "inpaint":
-        if batch.get("mask") is None or batch["image"].ndim != 4:
-            raise ValueError("concat_source='inpaint' needs pixel images and a 'mask' per item (data.masks=..., "
+    if source in ("inpaint", "upscale"):
+        key = "mask" if source == "inpaint" else "lowres"
+        if batch.get(key) is None or batch["image"].ndim != 4:
+            raise ValueError(f"concat_source={source!r} needs pixel images and a {key!r} per item "
+                             f"({'data.masks=...' if key == 'mask' else 'a super-resolution dataset'}, "
                              "latent_cache=false)")
-        return inpainting_concat(model, batch["image"], batch["mask"])
+        if source == "inpaint":
+            return {"concat": inpainting_concat(model, batch["image"], batch["mask"])}
+        b, levels = batch["image"].shape[0], int(model.unet.num_classes)
+        level = rng.randint(levels, (b,), generator, device=model.device)
+        return upscale_condition(model, batch["lowres"], batch["image"].shape[-2:], level, generator)
     if batch.get("concat") is None:
         raise ValueError(f"concat_channels={model.concat_channels}: the batch needs a 'concat' tensor")
-    return batch["concat"]
+    return {"concat": batch["concat"]}

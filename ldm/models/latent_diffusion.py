@@ -22,7 +22,7 @@ from ldm.diffusion.objectives import LOSS_TYPES, diffusion_training_loss, offset
 from ldm.diffusion.samplers import get_sampler
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.models import ldm_parts as parts
-from ldm.models.conditioning import CONCAT_SOURCES, batch_concat, drop_condition, with_concat
+from ldm.models.conditioning import CONCAT_SOURCES, batch_conditions, drop_condition, with_concat
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
@@ -176,7 +176,7 @@ class LatentDiffusion(pl.LightningModule):
         z0 = self.get_latents(batch, generator)
         cond = self.condition(batch["caption"], drop_prob, generator) if self.text_encoder is not None else {}
         if self.concat_channels:
-            cond["concat"] = batch_concat(self, batch)
+            cond.update(batch_conditions(self, batch, generator))
         t = rng.randint(self.schedule.num_timesteps, (z0.shape[0],), generator, device=z0.device)
         noise = offset_noise(z0, hp.offset_noise, generator=generator)
         x_t = self.schedule.q_sample(z0, t, noise)
@@ -302,13 +302,15 @@ class LatentDiffusion(pl.LightningModule):
 
     def make_denoiser(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       guidance: float = 1.0, guidance_rescale: float = 0.0, use_ema: bool = True,
-                      context: tuple[Tensor, Tensor] | None = None, concat: Tensor | None = None) -> Denoiser:
+                      context: tuple[Tensor, Tensor] | None = None, concat: Tensor | None = None,
+                      y: Tensor | None = None) -> Denoiser:
         """The U-Net (EMA by default) with prompts and classifier-free guidance folded in, as a Denoiser.
         `context` = (ctx, mask) stands in for the prompts' encoding (e.g. interpolated embeddings); `concat` is
-        the concatenated condition (any resolution, resized to the latent grid), the same in both CFG branches."""
+        the concatenated condition (any resolution, resized to the latent grid), `y` the class-embedding input
+        (e.g. the upscaler's noise level); both are the same in the two CFG branches."""
         net = with_concat(self.ema_unet if use_ema and self.ema_unet is not None else self.unet, self.concat_channels)
         hp = self.hparams
-        extra = {} if concat is None else {"concat": concat.to(self.device)}
+        extra = {k: v.to(self.device) for k, v in (("concat", concat), ("y", y)) if v is not None}
         if self.text_encoder is None:
             model_fn: Callable = lambda x, t: net(x, t, **extra)
         else:
@@ -338,7 +340,7 @@ class LatentDiffusion(pl.LightningModule):
                seed: int = 0, height: int | None = None, width: int | None = None, use_ema: bool = True,
                progress: bool = False, sampler_options: Mapping | None = None, x_T: Tensor | None = None,
                callback: Callable[[dict], None] | None = None, return_latents: bool = False,
-               concat: Tensor | None = None) -> Tensor:
+               concat: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """One image per prompt, (B, C, H, W) in [-1, 1]. height/width are in latent pixels (default: the
         training latent size). Same seed → same images (noise is drawn on the CPU, then moved)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -353,7 +355,8 @@ class LatentDiffusion(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            denoiser = self.make_denoiser(prompts, negative_prompt, guidance, guidance_rescale, use_ema, concat=concat)
+            denoiser = self.make_denoiser(prompts, negative_prompt, guidance, guidance_rescale, use_ema, concat=concat,
+                                          y=y)
             z0 = get_sampler(sampler)(denoiser, x_T, steps, generator=gen, callback=callback,
                                       progress=progress, **dict(sampler_options or {}))
             return z0 if return_latents else self.decode_latents(z0).clamp(-1, 1)

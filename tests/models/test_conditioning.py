@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ldm.models.conditioning import concat_to_latent_grid, inpainting_concat, with_concat
+from ldm.models.conditioning import concat_to_latent_grid, inpainting_concat, upscale_condition, with_concat
 from ldm.models.latent_diffusion import LatentDiffusion
 from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 from ldm.nn.unet import UNetModel
@@ -145,3 +145,32 @@ def test_inpainting_concat_is_mask_and_masked_latent(ae_dir):
     with pytest.raises(ValueError, match="concat_source must be one of"):
         LatentDiffusion(unet=unet(9), first_stage=str(ae_dir), concat_channels=5, concat_source="paint",
                         text_encoder=None, ema_decay=None)
+
+
+def test_upscale_condition_noise_augmentation_and_level(ae_dir):
+    m = LatentDiffusion(unet={**unet(8), "num_classes": 10}, first_stage=str(ae_dir), concat_channels=4,
+                        concat_source="upscale", text_encoder=None, schedule={"name": "linear", "num_timesteps": 50},
+                        ema_decay=None)
+    with torch.no_grad():
+        for p in m.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    m.latent_size.fill_(8)
+    low = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    from ldm.data.superres import bicubic
+    clean = m.encode_images(bicubic(low, (16, 16)))
+    c0 = upscale_condition(m, low, (16, 16), torch.tensor([0]), torch.Generator().manual_seed(0))
+    c9 = upscale_condition(m, low, (16, 16), torch.tensor([9]), torch.Generator().manual_seed(0))
+    assert c0["concat"].shape == (2, 4, 8, 8) and c0["y"].tolist() == [0, 0]
+    ab = m.schedule.alphas_cumprod
+    assert float((c0["concat"] - clean).abs().max()) < 0.1  # level 0: nearly the clean latent
+    noise = (c9["concat"] - ab[9].sqrt() * clean) / (1 - ab[9]).sqrt()
+    assert 0.5 < float(noise.std()) < 1.5  # level 9: √ᾱ₉ z + √(1−ᾱ₉) ε
+    image = torch.rand(2, 1, 16, 16) * 2 - 1
+    losses = [float(m._loss(m.unet, {"image": image, "caption": ["", ""], "lowres": lo}, 0.0,
+                            torch.Generator().manual_seed(1))[0]) for lo in (low, -low)]
+    assert losses[0] != losses[1]
+    a = m.sample([""], steps=3, concat=c0["concat"][:1], y=c0["y"][:1])
+    b = m.sample([""], steps=3, concat=c0["concat"][:1], y=c9["y"][:1])
+    assert float((a - b).abs().mean()) > 1e-4  # the level reaches the U-Net through its class embedding
+    with pytest.raises(ValueError, match="needs pixel images and a 'lowres'"):
+        m._loss(m.unet, {"image": image, "caption": ["", ""]}, 0.0)
