@@ -51,18 +51,21 @@ def inpaint(args, pipe: EditingPipeline) -> dict:
     if args.inpaint_ckpt:
         pipes["inpainting_model"] = EditingPipeline.from_checkpoint(args.inpaint_ckpt, device="cpu")
     for name, p in pipes.items():
-        outs, raw_err, err, hole = [], 0.0, 0.0, []
+        outs, raw_err, err, hole, raw_mean = [], 0.0, 0.0, [], 0.0
         for image, caption in zip(images, captions, strict=True):
             r = p.inpaint(image[None], mask, caption, n=1, steps=args.steps, guidance=args.guidance,
                           sampler="ddim", seed=0, progress=False)
             s = r["settings"]
             err = max(err, s["known_region_max_abs_error"])
             raw_err = max(raw_err, s["known_region_max_abs_error_unpasted"])
+            raw_mean += s["known_region_mean_abs_error_unpasted"] / len(images)
             hole.append(psnr(r["images"][0][~keep[0]], image[~keep[0]]))
             outs.append(r["images"])
         rows.append(torch.cat(outs)[:8])
         report[name] = {"known_region_max_abs_error": err, "known_region_max_abs_error_unpasted": raw_err,
-                        "hole_psnr_db_mean": sum(hole) / len(hole)}
+                        "known_region_mean_abs_error_unpasted": raw_mean, "hole_psnr_db_mean": sum(hole) / len(hole)}
+    ae = p.model.decode_latents(p.model.encode_images(images)).clamp(-1, 1)
+    report["autoencoder_known_region_mean_abs_error"] = float((ae - images).abs()[keep.expand_as(images)].mean())
     figure(rows, Path(args.out) / "inpaint.png")
     return report
 

@@ -152,9 +152,11 @@ class EditingPipeline(LatentDiffusionPipeline):
         if pixel_mask is not None:
             keep = (pixel_mask.cpu() < 0.5).expand_as(images)
             err = lambda out: float((out - image.cpu()).abs()[keep].max()) if bool(keep.any()) else 0.0  # noqa: E731
+            mean = lambda out: float((out - image.cpu()).abs()[keep].mean()) if bool(keep.any()) else 0.0  # noqa: E731
             extra.update(paste=bool(paste), blend=blend, inpainting_model=self.is_inpainting_model,
                          known_region_max_abs_error=err(images),
                          known_region_max_abs_error_unpasted=err(torch.cat(unpasted)),
+                         known_region_mean_abs_error_unpasted=mean(torch.cat(unpasted)),
                          masked_fraction=float(pixel_mask.mean()))
         mode = "inpaint" if pixel_mask is not None else "img2img"
         settings = self._settings(mode, sampler, sampler_options, steps, guidance, guidance_rescale,
