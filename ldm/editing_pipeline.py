@@ -251,7 +251,7 @@ class EditingPipeline(LatentDiffusionPipeline):
     @torch.no_grad()
     def upscale(self, lowres, prompts, noise_level: int = 20, n: int = 1, reference: Tensor | None = None,
                 negative_prompt: str | None = "", sampler: str = "ddim", sampler_options: Mapping | None = None,
-                steps: int = 50, guidance: float = 4.0, guidance_rescale: float = 0.0, seed: int = 0,
+                steps: int = 50, guidance: float = 1.0, guidance_rescale: float = 0.0, seed: int = 0,
                 batch_size: int = 16, precision: str = "fp32", progress: bool = True) -> dict:
         """A concat_source="upscale" model: `lowres` (a path or (1, C, h, w) tensor) → images at the model's size,
         conditioned on its bicubic upsampling's latent noised to `noise_level` (SD x4 upscaler). With `reference`
