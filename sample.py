@@ -69,7 +69,8 @@ def run_mode(pipe, cfg: DictConfig, prompts: list[str]) -> dict:
         return pipe.img2img(cfg.init_image, prompts, strength=strength, **batch, **common)
     if cfg.mode == "inpaint":
         strength = 1.0 if cfg.strength is None else cfg.strength
-        return pipe.inpaint(cfg.init_image, cfg.mask, prompts, strength=strength, paste=cfg.paste, **batch, **common)
+        return pipe.inpaint(cfg.init_image, cfg.mask, prompts, strength=strength, paste=cfg.paste, repaint=cfg.repaint,
+                            **batch, **common)
     if cfg.mode == "invert":
         return pipe.invert(cfg.init_image, prompts[0], [cfg.edit_prompt] if cfg.edit_prompt else [], steps=cfg.steps,
                            guidance=cfg.inversion_guidance, edit_guidance=cfg.guidance,

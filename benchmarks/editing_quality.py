@@ -49,7 +49,8 @@ def inpaint(args, pipe: EditingPipeline) -> dict:
     mask = torch.zeros(1, 1, 32, 32)
     mask[..., 8:24, 8:24] = 1
     keep = (mask == 0).expand(1, 1, 32, 32)
-    report, rows = {}, [images[:8], torch.where(mask > 0, torch.zeros_like(images[:8]), images[:8])]
+    report, rows = {"repaint": args.repaint}, [images[:8], torch.where(mask > 0, torch.zeros_like(images[:8]),
+                                                                        images[:8])]
     pipes = {"blend": pipe}
     if args.inpaint_ckpt:
         pipes["inpainting_model"] = EditingPipeline.from_checkpoint(args.inpaint_ckpt, device="cpu")
@@ -57,7 +58,7 @@ def inpaint(args, pipe: EditingPipeline) -> dict:
         outs, raw_err, err, hole, raw_mean = [], 0.0, 0.0, [], 0.0
         for image, caption in zip(images, captions, strict=True):
             r = p.inpaint(image[None], mask, caption, n=1, steps=args.steps, guidance=args.guidance,
-                          sampler="ddim", seed=0, progress=False)
+                          sampler="ddim", seed=0, progress=False, repaint=args.repaint if name == "blend" else 1)
             s = r["settings"]
             err = max(err, s["known_region_max_abs_error"])
             raw_err = max(raw_err, s["known_region_max_abs_error_unpasted"])
@@ -146,6 +147,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--noise-level", type=int, default=20)
+    p.add_argument("--repaint", type=int, default=1, help="inpaint: RePaint resampling of the blending run")
     p.add_argument("--out", default="outputs/editing_quality")
     args = p.parse_args()
     torch.set_grad_enabled(False)

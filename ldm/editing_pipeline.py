@@ -106,11 +106,12 @@ class EditingPipeline(LatentDiffusionPipeline):
                 sampler: str = "ddim", sampler_options: Mapping | None = None, steps: int = 50,
                 guidance: float = 4.0, guidance_rescale: float = 0.0, seed: int = 0, batch_size: int = 16,
                 precision: str = "fp32", progress: bool = True, mask=None, paste: bool = True,
-                blend: bool | None = None) -> dict:
+                blend: bool | None = None, repaint: int = 1) -> dict:
         """SDEdit: the image's latent noised to strength·T and denoised with int(steps·strength) steps of
         `sampler` under the prompt. strength 0 returns the input itself. With `mask` (1 = repaint) this is
         inpainting: the known region is blended in at every step (`blend`; default: unless the model is an
-        inpainting model, which sees mask and masked image through `concat`) and pasted back in pixels (`paste`)."""
+        inpainting model, which sees mask and masked image through `concat`) and pasted back in pixels (`paste`).
+        `repaint` > 1: RePaint resampling, each DDIM step taken that many times (sampler ddim, strength 1, blend)."""
         strength = editing.check_strength(strength)
         fn, items, seeds = self._setup(prompts, n, sampler, steps, precision, seed)
         image = self.load_image(image).to(self.device)
@@ -125,6 +126,8 @@ class EditingPipeline(LatentDiffusionPipeline):
             from ldm.models.conditioning import inpainting_concat
             concat = inpainting_concat(self.model, image, pixel_mask)
         blend = (not self.is_inpainting_model) if blend is None else bool(blend)
+        if int(repaint) > 1 and (pixel_mask is None or not blend or sampler != "ddim" or strength != 1.0):
+            raise ValueError("repaint > 1 needs a mask, blending, sampler=ddim and strength=1")
         chunks, unpasted = [], []
         for start in range(0, len(items), int(batch_size)):
             batch, batch_seeds = items[start:start + batch_size], seeds[start:start + batch_size]
@@ -138,8 +141,13 @@ class EditingPipeline(LatentDiffusionPipeline):
                 den = editing.KnownRegionDenoiser(den, z0, latent_mask, self._noise(batch_seeds, z_known, 1 << 20))
             gen = torch.Generator(device=self.device).manual_seed(batch_seeds[0] + 1)
             with self._autocast(precision):
-                z = editing.sdedit(fn, den, z0, strength, int(steps), self._noise(batch_seeds, z_known),
-                                   generator=gen, progress=progress, **dict(sampler_options or {}))
+                if int(repaint) > 1:
+                    opts = {k: v for k, v in dict(sampler_options or {}).items() if k in ("spacing", "steps_offset")}
+                    z = editing.repaint_ddim(den, self._noise(batch_seeds, z_known), int(steps), int(repaint),
+                                             generator=gen, progress=progress, **opts)
+                else:
+                    z = editing.sdedit(fn, den, z0, strength, int(steps), self._noise(batch_seeds, z_known),
+                                       generator=gen, progress=progress, **dict(sampler_options or {}))
             if latent_mask is not None:
                 z = editing.paste_known(z, z0, latent_mask)
             x = self.model.decode_latents(z.float()).clamp(-1, 1)
@@ -154,7 +162,7 @@ class EditingPipeline(LatentDiffusionPipeline):
             err = lambda out: float((out - image.cpu()).abs()[keep].max()) if bool(keep.any()) else 0.0  # noqa: E731
             mean = lambda out: float((out - image.cpu()).abs()[keep].mean()) if bool(keep.any()) else 0.0  # noqa: E731
             extra.update(paste=bool(paste), blend=blend, inpainting_model=self.is_inpainting_model,
-                         known_region_max_abs_error=err(images),
+                         repaint=int(repaint), known_region_max_abs_error=err(images),
                          known_region_max_abs_error_unpasted=err(torch.cat(unpasted)),
                          known_region_mean_abs_error_unpasted=mean(torch.cat(unpasted)),
                          masked_fraction=float(pixel_mask.mean()))

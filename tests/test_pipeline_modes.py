@@ -91,6 +91,10 @@ def test_inpaint_keeps_the_known_region_exactly(pipe, files):
         assert float(err[keep].max()) == 0.0 and out["settings"]["known_region_max_abs_error"] == 0.0
         assert float(err[~keep].mean()) > 0.01  # the masked region is generated
         assert out["settings"]["masked_fraction"] == pytest.approx(64 / 256)
+    rp = pipe.inpaint(files["image"], files["mask"], "a coat", n=1, repaint=2, **KW)
+    assert rp["settings"]["known_region_max_abs_error"] == 0.0 and rp["settings"]["repaint"] == 2
+    with pytest.raises(ValueError, match="repaint > 1 needs"):
+        pipe.inpaint(files["image"], files["mask"], "a coat", repaint=2, sampler="euler", **KW)
     raw = pipe.inpaint(files["image"], files["mask"], "a coat", n=1, paste=False, **KW)
     # without the pixel paste only the autoencoder separates the kept region from the input
     assert raw["settings"]["known_region_max_abs_error"] == raw["settings"]["known_region_max_abs_error_unpasted"]

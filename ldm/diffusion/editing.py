@@ -181,6 +181,33 @@ def paste_known(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask > 0.5, x, known.to(x))
 
 
+@torch.no_grad()
+def repaint_ddim(denoiser: KnownRegionDenoiser, x_T: Tensor, steps: int, resample: int = 2,
+                 generator: torch.Generator | None = None, spacing: str = "leading", steps_offset: int = 0,
+                 progress: bool = False) -> Tensor:
+    """RePaint-style resampling (Lugmayr et al. 2022) on η = 0 DDIM steps: each step t → t_prev is taken `resample`
+    times, re-noising x_prev back to t in between (x_t = √(ᾱ_t/ᾱ_prev) x_prev + √(1 − ᾱ_t/ᾱ_prev) z), so the
+    generated region harmonises with the known one. resample=1 is plain DDIM with blending. Jump length 1."""
+    from ldm.diffusion.samplers.common import randn_like, step_range
+
+    if int(resample) < 1:
+        raise ValueError(f"resample must be >= 1, got {resample}")
+    ts = spaced_timesteps(denoiser.schedule.num_timesteps, steps, spacing, steps_offset).tolist()
+    ab = denoiser.schedule.alphas_cumprod
+    x = x_T
+    for i in step_range(len(ts), progress, "repaint"):
+        ab_t, ab_prev = float(ab[ts[i]]), float(ab[ts[i + 1]]) if i + 1 < len(ts) else 1.0
+        passes = int(resample) if ab_prev < 1.0 else 1  # the last step (to the data) is not re-noised
+        for r in range(passes):
+            out = denoiser(x, timestep_batch(ts[i], x))
+            x_prev = math.sqrt(ab_prev) * out.x0 + math.sqrt(1 - ab_prev) * out.eps
+            if r + 1 < passes:
+                ratio = ab_t / ab_prev
+                x = math.sqrt(ratio) * x_prev + math.sqrt(1 - ratio) * randn_like(x_prev, generator)
+        x = x_prev
+    return x
+
+
 # ---- DDIM inversion -----------------------------------------------------------------------------------
 @torch.no_grad()
 def ddim_invert(denoiser: Denoiser, z0: Tensor, steps: int, spacing: str = "leading", steps_offset: int = 0,

@@ -164,3 +164,25 @@ def test_slerp_endpoints_norms_and_midpoint():
     torch.testing.assert_close(editing.slerp(e1, 2 * e1, 0.5), 1.5 * e1)  # parallel: linear
     with pytest.raises(ValueError, match="equal shapes"):
         editing.slerp(e1, torch.zeros(1, 3), 0.5)
+
+
+def test_repaint_resampling_keeps_the_known_region_and_resamples():
+    s = schedule()
+    g = torch.Generator().manual_seed(4)
+    z_known = torch.randn(1, 4, 6, 6, generator=g)
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., :3, :] = 1
+    noise, x_T = torch.randn(z_known.shape, generator=g), torch.randn(z_known.shape, generator=g)
+    den = editing.KnownRegionDenoiser(random_denoiser(s), z_known, mask, noise)
+    one = editing.repaint_ddim(den, x_T, 6, resample=1)
+    torch.testing.assert_close(one, get_sampler("ddim")(den, x_T, 6), rtol=0, atol=0)  # resample 1 = DDIM
+    calls = []
+    counting = editing.KnownRegionDenoiser(
+        Denoiser(lambda x, t: (calls.append(1), random_denoiser(s).model_fn(x, t))[1], s), z_known, mask, noise)
+    three = editing.repaint_ddim(counting, x_T, 6, resample=3, generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 5 * 3 + 1  # every step three times, the last one (to the data) once
+    keep = (mask == 0).expand_as(three)
+    assert (three - z_known)[keep].abs().max().item() == 0.0
+    assert (three - one)[~keep].abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="resample must be"):
+        editing.repaint_ddim(den, x_T, 6, resample=0)
