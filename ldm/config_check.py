@@ -57,7 +57,9 @@ TRAIN_KEYS = {"task_name": (str,), "seed": (int,), "ckpt_path": (str, _NULL), "i
               "compile": (bool,), "trust_checkpoint": (bool,), "tune_malloc": (bool,)}
 SAMPLE_KEYS = {"n": (int,), "batch_size": (int,), "steps": (int,), "guidance": (float,),
                "guidance_rescale": (float,), "seed": (int,), "height": (int, _NULL), "width": (int, _NULL),
-               "use_ema": (bool,), "progress": (bool,), "trust_checkpoint": (bool,), "tune_malloc": (bool,)}
+               "use_ema": (bool,), "progress": (bool,), "trust_checkpoint": (bool,), "tune_malloc": (bool,),
+               "mode": (str,), "strength": (float, _NULL), "paste": (bool,), "inversion_guidance": (float,),
+               "seed2": (int, _NULL), "frames": (int,), "noise_level": (int,), "repaint": (int,)}
 
 
 def _type_names(allowed: tuple[type, ...]) -> str:

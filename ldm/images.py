@@ -55,3 +55,37 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None, metadat
 def upscale_nearest(images: Tensor, factor: int) -> Tensor:
     """Enlarge tiny images (e.g. 32×32 Fashion-MNIST) so a grid is easy to look at."""
     return images.repeat_interleave(factor, dim=-1).repeat_interleave(factor, dim=-2) if factor > 1 else images
+
+
+def load_image(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> Tensor:
+    """An image file as (1, channels, H, W) in [-1, 1] (grey for 1 channel, RGB for 3), resized (bicubic) to
+    `size` = (H, W) if given; a missing or unreadable file gets a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("L" if channels == 1 else "RGB")
+            if size is not None and im.size != (size[1], size[0]):
+                im = im.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+            arr = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.size[1], im.size[0], -1)
+    except (OSError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"{path} is not a readable image ({e})") from e
+    return arr.permute(2, 0, 1)[None].float() / 127.5 - 1
+
+
+def load_mask(path: str | Path, size: tuple[int, int]) -> Tensor:
+    """A mask file as (1, 1, H, W) in {0, 1} (white, > 50 %: repaint; black: keep); it must be (H, W) = `size`,
+    the size of the image it goes with."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask {path} does not exist")
+    try:
+        with Image.open(path) as im:
+            got = (im.size[1], im.size[0])
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable image ({e})") from e
+    if got != tuple(size):
+        raise ValueError(f"mask {path} is {got[0]}×{got[1]} (H×W) but the image is {size[0]}×{size[1]}: "
+                         "give a mask of the image's size")
+    return (load_image(path, 1) > 0).float()

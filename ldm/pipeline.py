@@ -108,9 +108,10 @@ class LatentDiffusionPipeline:
                       sampler: str = "ddim", sampler_options: Mapping | None = None, steps: int = 50,
                       guidance: float = 4.0, guidance_rescale: float = 0.0, seed: int = 0,
                       height: int | None = None, width: int | None = None, batch_size: int = 16,
-                      precision: str = "fp32", progress: bool = True) -> dict:
+                      precision: str = "fp32", progress: bool = True, concat: torch.Tensor | None = None) -> dict:
         """`n` images for each prompt → {"images": (N, C, H, W) in [-1, 1] on the CPU, "prompts", "seeds",
-        "settings"}; height/width in pixels (multiples of the downsampling factor)."""
+        "settings"}; height/width in pixels (multiples of the downsampling factor). `concat`: the condition of a
+        model with concat_channels (e.g. a segmentation map), one for all images or one per image."""
         prompts = self._check_prompts(prompts)
         for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
             if int(value) < 1:
@@ -120,6 +121,8 @@ class LatentDiffusionPipeline:
         get_sampler(sampler)  # an unknown name fails before any work
         h, w = self._latent_size(height, width)
         items = [p for p in prompts for _ in range(int(n))]
+        if concat is not None and len(concat) not in (1, len(items)):
+            raise ValueError(f"concat has {len(concat)} conditions for {len(items)} images (give 1 or one each)")
         seeds = [int(seed) + k for k in range(len(items))]
         shape = (self.model.latent_channels, h, w)
         dtype = PRECISIONS[precision]
@@ -135,7 +138,9 @@ class LatentDiffusionPipeline:
                 images = self.model.sample(batch, negative_prompt=negative_prompt, sampler=sampler, steps=int(steps),
                                            guidance=float(guidance), guidance_rescale=float(guidance_rescale),
                                            seed=batch_seeds[0], use_ema=self.use_ema, progress=progress,
-                                           sampler_options=sampler_options, x_T=x_T)
+                                           sampler_options=sampler_options, x_T=x_T,
+                                           concat=concat if concat is None or len(concat) == 1
+                                           else concat[start:start + batch_size])
             chunks.append(images.float().cpu())
         settings = {"sampler": sampler, "sampler_options": dict(sampler_options or {}), "steps": int(steps),
                     "guidance": float(guidance), "guidance_rescale": float(guidance_rescale),

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, SequentialSampler
 
+from ldm.data.masks import MaskedDataset, check_weights
 from ldm.data.sampler import ResumableShardSampler
 
 log = logging.getLogger(__name__)
 
 
 def collate(items: list[dict]) -> dict:
-    """Stack images, keep captions as a list, labels as a long tensor (-1 where unknown)."""
-    return {
+    """Stack images, keep captions as a list, labels as a long tensor (-1 where unknown); other tensors every
+    item has (an inpainting "mask", a "concat" condition) are stacked too."""
+    batch = {
         "image": torch.stack([it["image"] for it in items]),
         "caption": [it.get("caption", "") for it in items],
         "label": torch.tensor([int(it.get("label", -1)) for it in items], dtype=torch.long),
     }
+    for key in set(items[0]) - set(batch):
+        if all(isinstance(it.get(key), torch.Tensor) for it in items):
+            batch[key] = torch.stack([it[key] for it in items])
+    return batch
 
 
 class _EpochAwareSampler(ResumableShardSampler):
@@ -43,12 +49,14 @@ class DataModule(pl.LightningDataModule):
     Datasets may be given built or as zero-argument factories (Hydra `_partial_: true`), built in `setup`.
     Training order comes from `ResumableShardSampler` (set `use_distributed_sampler=False` on the Trainer:
     the configs do); after a resume the first epoch continues where the checkpoint stopped.
+    `masks` (weights of box / stroke / full / none, see data/masks.py) adds a random inpainting "mask" to every
+    item of every split.
     """
 
     def __init__(self, train: Dataset | Callable[[], Dataset], val: Dataset | Callable | None = None,
                  test: Dataset | Callable | None = None, batch_size: int = 64, num_workers: int = 0,
                  pin_memory: bool = False, persistent_workers: bool = False, seed: int = 0,
-                 val_batch_size: int | None = None):
+                 val_batch_size: int | None = None, masks: Mapping[str, float] | None = None):
         super().__init__()
         self._factories = {"train": train, "val": val, "test": test}
         self.datasets: dict[str, Dataset] = {}
@@ -56,6 +64,7 @@ class DataModule(pl.LightningDataModule):
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.seed = seed
+        self.masks = check_weights(masks) if masks else None
 
     @property
     def world(self) -> tuple[int, int]:
@@ -75,6 +84,8 @@ class DataModule(pl.LightningDataModule):
         if split not in self.datasets and self._factories.get(split) is not None:
             f = self._factories[split]
             self.datasets[split] = f() if callable(f) and not isinstance(f, Dataset) else f
+            if self.masks:
+                self.datasets[split] = MaskedDataset(self.datasets[split], self.masks, self.seed)
             log.info("%s split: %d items", split, len(self.datasets[split]))
         return self.datasets.get(split)
 

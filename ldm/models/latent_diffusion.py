@@ -22,6 +22,7 @@ from ldm.diffusion.objectives import LOSS_TYPES, diffusion_training_loss, offset
 from ldm.diffusion.samplers import get_sampler
 from ldm.diffusion.schedule import NoiseSchedule, check_prediction_type
 from ldm.models import ldm_parts as parts
+from ldm.models.conditioning import CONCAT_SOURCES, batch_conditions, drop_condition, with_concat
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
@@ -29,22 +30,6 @@ from ldm.models.optim import adamw, clip_gradients
 from ldm.nn.text_encoder import pad_context
 
 log = logging.getLogger(__name__)
-
-
-def drop_condition(context: Tensor, mask: Tensor, null_context: Tensor, null_mask: Tensor, prob: float,
-                   generator: rng.Generator = None) -> tuple[Tensor, Tensor, Tensor]:
-    """Replace a Bernoulli(prob) subset of the batch's contexts by the null (empty-prompt) context, the
-    unconditional branch of classifier-free guidance. Returns (context, mask, dropped (B,) bool)."""
-    b = context.shape[0]
-    dropped = rng.rand((b,), generator, device=context.device) < prob
-    if not bool(dropped.any()):
-        return context, mask, dropped
-    length = max(context.shape[1], null_context.shape[1])
-    context, mask = pad_context(context, mask, length)
-    null_context, null_mask = pad_context(null_context, null_mask, length)
-    context = torch.where(dropped[:, None, None], null_context.to(context.dtype).expand(b, -1, -1), context)
-    mask = torch.where(dropped[:, None], null_mask.expand(b, -1), mask)
-    return context, mask, dropped
 
 
 class LatentDiffusion(pl.LightningModule):
@@ -89,12 +74,16 @@ class LatentDiffusion(pl.LightningModule):
         val_seed: int = 0,
         image_log_dir: str | None = None,
         trust_checkpoint: bool = False,
+        concat_channels: int = 0,
+        concat_source: str | None = None,
     ):
         super().__init__()
         args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         self.save_hyperparameters(parts.plain_hparams(args))
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if concat_source not in CONCAT_SOURCES:
+            raise ValueError(f"concat_source must be one of {CONCAT_SOURCES}, got {concat_source!r}")
         if variance_type not in VARIANCE_TYPES or loss_type not in LOSS_TYPES:
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} (got {variance_type!r}) and "
                              f"loss_type one of {LOSS_TYPES} (got {loss_type!r})")
@@ -107,7 +96,8 @@ class LatentDiffusion(pl.LightningModule):
         self.first_stage.eval().requires_grad_(False)
         self.scale_factor = float(scale_factor if scale_factor is not None else stored_scale)
         self.text_encoder = parts.build_text_encoder(text_encoder)
-        parts.check_channels(self.first_stage, self.unet, variance_type)
+        self.concat_channels = int(concat_channels)  # the `concat` key: cat([z_t, c]) into the U-Net (conditioning.py)
+        parts.check_channels(self.first_stage, self.unet, variance_type, self.concat_channels)
         if self.text_encoder is not None and getattr(self.text_encoder, "loaded", True):
             parts.check_context_dim(self.text_encoder, self.unet)
         self.register_buffer("latent_size", torch.zeros(2, dtype=torch.long))  # (h, w) seen in training
@@ -195,10 +185,12 @@ class LatentDiffusion(pl.LightningModule):
         hp = self.hparams
         z0 = self.get_latents(batch, generator)
         cond = self.condition(batch["caption"], drop_prob, generator) if self.text_encoder is not None else {}
+        if self.concat_channels:
+            cond.update(batch_conditions(self, batch, generator))
         t = rng.randint(self.schedule.num_timesteps, (z0.shape[0],), generator, device=z0.device)
         noise = offset_noise(z0, hp.offset_noise, generator=generator)
         x_t = self.schedule.q_sample(z0, t, noise)
-        raw = net(x_t, t, **cond)
+        raw = with_concat(net, self.concat_channels)(x_t, t, **cond)
         return diffusion_training_loss(
             raw.float(), z0, x_t, t, noise, self.schedule, prediction_type=hp.prediction_type,
             variance_type=hp.variance_type, loss_type=hp.loss_type, min_snr_gamma=hp.min_snr_gamma,
@@ -303,7 +295,7 @@ class LatentDiffusion(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         hp = self.hparams
-        if self.trainer.sanity_checking or not hp.val_prompts or not hp.sample_every_n_steps:
+        if self.trainer.sanity_checking or not hp.val_prompts or not hp.sample_every_n_steps or self.concat_channels:
             return
         if self.global_step < self._next_sample_step:
             return
@@ -317,16 +309,22 @@ class LatentDiffusion(pl.LightningModule):
         return self.hparams.variance_type == "learned_range"
 
     def make_denoiser(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
-                      guidance: float = 1.0, guidance_rescale: float = 0.0, use_ema: bool = True) -> Denoiser:
-        """The U-Net (EMA by default) with prompts and classifier-free guidance folded in, as a Denoiser."""
-        net = self.ema_unet if use_ema and self.ema_unet is not None else self.unet
+                      guidance: float = 1.0, guidance_rescale: float = 0.0, use_ema: bool = True,
+                      context: tuple[Tensor, Tensor] | None = None, concat: Tensor | None = None,
+                      y: Tensor | None = None) -> Denoiser:
+        """The U-Net (EMA by default) with prompts and classifier-free guidance folded in, as a Denoiser.
+        `context` = (ctx, mask) stands in for the prompts' encoding (e.g. interpolated embeddings); `concat` is
+        the concatenated condition (any resolution, resized to the latent grid), `y` the class-embedding input
+        (e.g. the upscaler's noise level); both are the same in the two CFG branches."""
+        net = with_concat(self.ema_unet if use_ema and self.ema_unet is not None else self.unet, self.concat_channels)
         hp = self.hparams
+        extra = {k: v.to(self.device) for k, v in (("concat", concat), ("y", y)) if v is not None}
         if self.text_encoder is None:
-            model_fn: Callable = lambda x, t: net(x, t)
+            model_fn: Callable = lambda x, t: net(x, t, **extra)
         else:
-            ctx, mask = self.encode_text(prompts)
+            ctx, mask = self.encode_text(prompts) if context is None else context
             if guidance == 1.0:
-                model_fn = lambda x, t: net(x, t, context=ctx, context_mask=mask)
+                model_fn = lambda x, t: net(x, t, context=ctx, context_mask=mask, **extra)
             else:
                 from ldm.diffusion.guidance import cfg_model_fn
 
@@ -339,8 +337,8 @@ class LatentDiffusion(pl.LightningModule):
                 ctx, mask = pad_context(ctx, mask, length)
                 nctx, nmask = pad_context(nctx, nmask, length)
                 model_fn = cfg_model_fn(lambda x, t, **c: net(x, t, **c),
-                                        {"context": ctx, "context_mask": mask},
-                                        {"context": nctx, "context_mask": nmask}, guidance, guidance_rescale,
+                                        {"context": ctx, "context_mask": mask, **extra},
+                                        {"context": nctx, "context_mask": nmask, **extra}, guidance, guidance_rescale,
                                         learned_variance=self.learned_variance)
         return Denoiser(model_fn, self.schedule, hp.prediction_type, hp.variance_type)
 
@@ -349,7 +347,8 @@ class LatentDiffusion(pl.LightningModule):
                sampler: str = "ddim", steps: int = 50, guidance: float = 4.0, guidance_rescale: float = 0.0,
                seed: int = 0, height: int | None = None, width: int | None = None, use_ema: bool = True,
                progress: bool = False, sampler_options: Mapping | None = None, x_T: Tensor | None = None,
-               callback: Callable[[dict], None] | None = None, return_latents: bool = False) -> Tensor:
+               callback: Callable[[dict], None] | None = None, return_latents: bool = False,
+               concat: Tensor | None = None, y: Tensor | None = None) -> Tensor:
         """One image per prompt, (B, C, H, W) in [-1, 1]. height/width are in latent pixels (default: the
         training latent size). Same seed → same images (noise is drawn on the CPU, then moved)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -364,7 +363,8 @@ class LatentDiffusion(pl.LightningModule):
         was_training = self.training
         self.eval()
         try:
-            denoiser = self.make_denoiser(prompts, negative_prompt, guidance, guidance_rescale, use_ema)
+            denoiser = self.make_denoiser(prompts, negative_prompt, guidance, guidance_rescale, use_ema, concat=concat,
+                                          y=y)
             z0 = get_sampler(sampler)(denoiser, x_T, steps, generator=gen, callback=callback,
                                       progress=progress, **dict(sampler_options or {}))
             return z0 if return_latents else self.decode_latents(z0).clamp(-1, 1)

@@ -115,16 +115,19 @@ def latent_channels(first_stage: nn.Module) -> int | None:
     return int(c) if c is not None else None
 
 
-def check_channels(first_stage: nn.Module, unet: nn.Module, variance_type: str) -> None:
+def check_channels(first_stage: nn.Module, unet: nn.Module, variance_type: str, concat_channels: int = 0) -> None:
     c = latent_channels(first_stage)
     u_in, u_out = getattr(unet, "in_channels", None), getattr(unet, "out_channels", None)
-    if c is not None and u_in is not None and c != u_in:
-        raise ValueError(f"the first stage's latents have {c} channels but the U-Net has in_channels={u_in}: "
-                         f"set model.unet.in_channels={c} (and out_channels) or use a matching autoencoder")
-    want = (c or u_in) * (2 if variance_type == "learned_range" else 1) if (c or u_in) else None
+    if c is not None and u_in is not None and c + concat_channels != u_in:
+        extra = f" + {concat_channels} concatenated" if concat_channels else ""
+        raise ValueError(f"the first stage's latents have {c}{extra} channels but the U-Net has in_channels={u_in}: "
+                         f"set model.unet.in_channels={c + concat_channels} (out_channels={c}) or use a matching "
+                         "autoencoder")
+    c = c if c is not None else (u_in - concat_channels if u_in is not None else None)
+    want = c * (2 if variance_type == "learned_range" else 1) if c else None
     if want is not None and u_out is not None and u_out != want:
         raise ValueError(f"the U-Net has out_channels={u_out} but variance_type={variance_type!r} with "
-                         f"{c or u_in} latent channels needs {want}")
+                         f"{c} latent channels needs {want}")
 
 
 def check_context_dim(text_encoder: nn.Module, unet: nn.Module) -> None:

@@ -10,6 +10,7 @@ in descending order (the order a sampler visits them):
 
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -80,5 +81,6 @@ def respaced_denoiser(denoiser: Denoiser, timesteps: Tensor) -> Denoiser:
         i = torch.as_tensor(i, device=x.device).long()
         return inner(x, ts.to(x.device)[i])
 
-    return Denoiser(model_fn, respace(denoiser.schedule, ts), denoiser.prediction_type,
-                    denoiser.variance_type, denoiser.clip_x0)
+    out = copy.copy(denoiser)  # keeps the class: a wrapper (e.g. editing.KnownRegionDenoiser) stays one
+    out.model_fn, out.schedule = model_fn, respace(denoiser.schedule, ts)
+    return out
