@@ -69,10 +69,12 @@ def load_latent_diffusion(path: str | Path, *, model_type: str | None = None, pr
 
     w = read_weights(path, model_type=model_type, prediction_type=prediction_type, use_ema=use_ema,
                      num_heads=num_heads, tokenizer=tokenizer, tokenizer_subfolder=tokenizer_subfolder, trust=trust)
-    if w.unet_config["in_channels"] != w.vae_config["embed_dim"]:
-        raise ValueError(f"{path} is a {w.model_type} model ({w.unet_config['in_channels']}-channel U-Net input: "
-                         "latents + mask + masked image); LatentDiffusion has no concatenation conditioning yet. "
-                         "It can still be converted: `ldm convert <in> <out> --to diffusers|sd`")
+    extra = w.unet_config["in_channels"] - w.vae_config["embed_dim"]
+    if extra and extra != 1 + w.vae_config["embed_dim"]:
+        raise ValueError(f"{path}: a {w.unet_config['in_channels']}-channel U-Net input over "
+                         f"{w.vae_config['embed_dim']}-channel latents is no layout we know (SD inpainting: 4 + 1 + 4)")
+    if extra:  # SD inpainting: cat([z_t, mask, latent of the masked image]), our `concat` key
+        overrides = {"concat_channels": extra, "concat_source": "inpaint", **overrides}
     if w.text is None:
         raise ValueError(f"{path} holds no text encoder: LatentDiffusion needs one")
     unet_cfg = {**w.unet_config, **dict(unet or {})}

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm.convert import convert, load_latent_diffusion, read_diffusers, weights_of, write_diffusers
-from tests.convert.tiny import diffusers_parts, pipeline, write_tokenizer
+from tests.convert.tiny import diffusers, diffusers_parts, pipeline, randomize, write_tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,3 +88,35 @@ def test_round_trip_ldm_diffusers_ldm_is_the_identity(saved, tmp_path):
     assert (back.prediction_type, back.schedule["name"]) == (w.prediction_type, "scaled_linear")
     again = convert(tmp_path / "again", tmp_path / "sd.safetensors", to="sd")
     assert again.is_file()
+
+
+def test_an_inpainting_model_loads_with_its_mask_and_masked_image_concatenated(tmp_path):
+    # SD-inpainting's U-Net input: cat([z_t (4), mask (1), latent of the masked image (4)]), mask 1 = repaint
+    from ldm.editing_pipeline import EditingPipeline
+    from ldm.models.conditioning import inpainting_concat, with_concat
+
+    parts = diffusers_parts("v1")
+    config = {**parts["unet"].config, "in_channels": 9}
+    parts["unet"] = randomize(diffusers.UNet2DConditionModel.from_config(config), 5)
+    pipe = pipeline(parts, pipeline_tokenizer(tmp_path))
+    pipe.save_pretrained(tmp_path / "inpaint", safe_serialization=True)
+    model = load_latent_diffusion(tmp_path / "inpaint")
+    assert read_diffusers(tmp_path / "inpaint").model_type == "v1-inpaint"
+    assert (model.concat_channels, model.hparams.concat_source) == (5, "inpaint")
+    g = torch.Generator().manual_seed(0)
+    image, x = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1, torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[..., 4:12, 2:10] = 1
+    ctx, t = torch.randn(2, 77, 64, generator=g), torch.tensor([900, 250])
+    with torch.no_grad():
+        ours = with_concat(model.unet, 5)(x, t, context=ctx, concat=inpainting_concat(model, image, mask))
+        masked = pipe.vae.encode(image * (mask < 0.5)).latent_dist.mean * pipe.vae.config.scaling_factor
+        small = torch.nn.functional.interpolate(mask, size=(8, 8))
+        ref = pipe.unet(torch.cat([x, small, masked], 1), t, ctx).sample
+    assert _max(ours, ref) <= ATOL
+    out = EditingPipeline(model).inpaint(image[:1], mask[:1], ["a photo of a cat"], steps=3, guidance=4.0,
+                                         progress=False)
+    known = (mask[:1] < 0.5).expand(-1, 3, -1, -1)
+    assert out["images"].shape == (1, 3, 16, 16)
+    torch.testing.assert_close(((out["images"] + 1) / 2)[known], ((image[:1].clamp(-1, 1) + 1) / 2)[known],
+                               atol=1 / 255, rtol=0)
