@@ -13,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from .conftest import QUICK, ROOT, TINY_AE, TINY_UNET, make_fmnist
 from .test_image_folder_train import make_folder
@@ -29,10 +31,15 @@ PROMPTS = "\n".join(f"a photo of a {c}" for c in ("t-shirt", "trouser", "bag")) 
 
 def readme_commands(text: str) -> list[list[str]]:
     """The python commands of the README's bash blocks, continuation lines joined, comments dropped."""
-    commands = []
+    commands, variables = [], {}
     for block in re.findall(r"```bash\n(.*?)```", text, re.S):
         for line in block.replace("\\\n", " ").splitlines():
             argv = shlex.split(line, comments=True)
+            if len(argv) == 1 and re.fullmatch(r"[A-Z_]+=\S+", argv[0]):  # a shell variable for the next lines
+                name, value = argv[0].split("=", 1)
+                variables[name] = value
+                continue
+            argv = [re.sub(r"\$([A-Z_]+)", lambda m: variables.get(m.group(1), m.group(0)), a) for a in argv]
             if argv[:2] in (["python", "train.py"], ["python", "sample.py"], ["python", "eval.py"]) \
                     or argv[:2] == ["python", "-m"]:
                 commands.append(argv)
@@ -134,6 +141,10 @@ def test_every_readme_command_runs(tmp_path):
     # what `make demo` leaves: the README's own LDM runs stand in for the demo's (a link to the newest)
     (repo / "outputs" / "demo" / "ldm").symlink_to(Path("..", "..", "logs", "fmnist_ldm", "latest"))
     (repo / "outputs" / "demo" / "class_prompts.txt").write_text(PROMPTS)
+    (repo / "outputs" / "demo" / "samples").mkdir()  # the demo's first sample, an input of the editing commands
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32), dtype=np.uint8)).save(
+        repo / "outputs" / "demo" / "samples" / "00000_a-photo-of-a-t-shirt.png")
+    (repo / "docs").symlink_to(ROOT / "docs")  # example masks and images the README points at
     env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
            "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     runnable = [(argv, *prepared(argv, i, data)) for i, argv in enumerate(commands)
