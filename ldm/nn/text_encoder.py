@@ -236,17 +236,11 @@ class FrozenTextEncoder(nn.Module):
         self._check_truncation(captions)
         if self.pad_to_max_length:
             return self._encode_group(captions)
-        # One token length at a time, so nothing is padded: a caption's embedding is then bitwise the same
-        # whichever captions it is encoded with (padding changes the kernels' shapes and rounding), and a resumed
-        # run, a warm cache and any DDP split all see the same contexts.
-        tok = self.tokenizer(captions, truncation=True, max_length=self.max_length)
-        lengths = [len(ids) for ids in tok["input_ids"]]
-        out: list = [None] * len(captions)
-        for n in sorted(set(lengths)):
-            idx = [i for i, m in enumerate(lengths) if m == n]
-            for i, item in zip(idx, self._encode_group([captions[i] for i in idx]), strict=True):
-                out[i] = item
-        return out
+        # One caption at a time, so nothing is padded and no kernel sees another caption: its embedding is then
+        # bitwise the same whichever captions it is first met with (padding, and on some CPUs the batch's row count,
+        # change the kernels' blocking and rounding), and a resumed run, a warm cache and any DDP split all see the
+        # same contexts. Each caption is encoded once (the cache), so the cost is one small forward per caption.
+        return [item for caption in captions for item in self._encode_group([caption])]
 
     def _encode_group(self, captions: list[str]) -> list[tuple[Tensor, Tensor]]:
         tok = self.tokenizer(captions, padding="max_length" if self.pad_to_max_length else "longest",

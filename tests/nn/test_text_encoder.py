@@ -32,6 +32,11 @@ def test_shapes_mask_and_padding(minilm):
     # the same caption alone or in a batch with longer ones: bitwise the same embedding (exact resume needs it)
     alone, _ = sibling(minilm).encode(["a bag"])
     assert torch.equal(alone[0], ctx[1, : lengths[1]])
+    # ... and among captions of its own token length, however many (a batch's row count changes GEMM blocking)
+    same_length = ["a bag", "a coat", "a shirt", "a dress", "a hat", "a cap", "a sock", "a boot", "a belt", "a scarf"]
+    assert len({len(te.tokenizer(c)["input_ids"]) for c in same_length}) == 1
+    many, _ = sibling(minilm).encode(same_length)
+    assert torch.equal(alone[0], many[0])
 
 
 def test_pad_to_max_length_and_mask_padding(minilm):
