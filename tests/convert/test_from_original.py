@@ -119,3 +119,18 @@ def test_fine_tuned_model_reloads_its_text_encoder_from_the_file(case, tmp_path)
     again = LatentDiffusion.load(tmp_path / "ours")
     assert torch.equal(again.encode_text(["a cat"])[0], ref)
     assert again.hparams.prediction_type == model.hparams.prediction_type
+
+
+def test_the_ldm_console_script_is_installed():
+    # pyproject's [project.scripts]: `ldm` next to the interpreter of the environment that installed the package
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "ldm"
+    if not script.exists() and shutil.which("ldm") is None:
+        pytest.fail("the `ldm` console script is not installed: reinstall with pip install -e '.[dev]' (make install)")
+    proc = subprocess.run([str(script if script.exists() else shutil.which("ldm")), "convert", "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--to" in proc.stdout
