@@ -27,8 +27,9 @@ from ldm.models.autoencoder import AutoencoderKL
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def images(split: str, root: str | None, limit: int | None = None) -> torch.Tensor:
-    ds = FashionMNIST(root=root, split=split, image_size=32) if root else FashionMNIST(split=split, image_size=32)
+def images(split: str, root: str | None, limit: int | None = None, val_size: int = 5000) -> torch.Tensor:
+    kw = {"root": root} if root else {}
+    ds = FashionMNIST(split=split, image_size=32, val_size=val_size, **kw)
     n = len(ds) if limit is None else min(limit, len(ds))
     return torch.stack([ds.to_image(ds.images[i]) for i in range(n)])  # (N, 1, 32, 32) in [-1, 1]
 
@@ -73,6 +74,7 @@ def main() -> None:
     p.add_argument("--eval-every-steps", type=int, default=0, help="evaluate every N steps instead")
     p.add_argument("--eval-images", type=int, default=10000, help="test images per intermediate evaluation")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--val-size", type=int, default=5000, help="training images held out as the data set's val split")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the table as JSON here")
     args = p.parse_args()
@@ -92,7 +94,7 @@ def main() -> None:
         model.net.to(memory_format=torch.channels_last)
     params = list(model.net.parameters()) + [model.logvar]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(args.betas), weight_decay=0.0)
-    train, test = images("train", args.data_root), images("test", args.data_root)
+    train, test = images("train", args.data_root, val_size=args.val_size), images("test", args.data_root)
     n_params = sum(q.numel() for q in model.net.parameters())
     print(f"config {cfg} embed_dim {embed_dim}: {n_params / 1e6:.3f} M parameters; "
           f"{len(train)} train / {len(test)} test images; batch {args.batch_size}, lr {args.lr}, {args.rec_loss}")

@@ -30,9 +30,11 @@ from ldm.data.segmentation import mean_iou, one_hot_map, segment
 from ldm.editing_pipeline import EditingPipeline, psnr
 from ldm.images import save_grid, upscale_nearest
 
+DATA: dict = {}  # FashionMNIST keyword arguments (--data-root)
+
 
 def test_items(n: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    ds = FashionMNIST(split="test", image_size=32)
+    ds = FashionMNIST(split="test", image_size=32, **DATA)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
     items = [ds[i] for i in idx]
     return torch.stack([it["image"] for it in items]), [caption_for(it["label"]) for it in items]
@@ -121,7 +123,7 @@ def semantic(args, pipe: EditingPipeline) -> dict:
 def upscale(args, pipe: EditingPipeline) -> dict:
     from ldm.data.superres import FashionMNISTSuperRes, bicubic
 
-    ds = FashionMNISTSuperRes(split="test", image_size=32)
+    ds = FashionMNISTSuperRes(split="test", image_size=32, **DATA)
     idx = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))[:args.n].tolist()
     items = [ds[i] for i in idx]
     keys = ("psnr_db", "ssim", "bicubic_psnr_db", "bicubic_ssim")
@@ -149,7 +151,10 @@ def main() -> None:
     p.add_argument("--noise-level", type=int, default=20)
     p.add_argument("--repaint", type=int, default=1, help="inpaint: RePaint resampling of the blending run")
     p.add_argument("--out", default="outputs/editing_quality")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST IDX folder (default: the Debian package's)")
     args = p.parse_args()
+    if args.data_root:
+        DATA["root"] = args.data_root
     torch.set_grad_enabled(False)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     t0 = time.time()

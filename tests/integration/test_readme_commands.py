@@ -26,6 +26,15 @@ pytestmark = pytest.mark.slow
 NOT_RUN = {
     "hydra/launcher=submitit_slurm": "submits to SLURM; tests/integration/test_slurm.py checks the launcher config",
 }
+# Options appended to the README's benchmark lines: tiny runs on the generated data (the figures need the real runs).
+BENCHMARK_SMOKE = {
+    "benchmarks/unet_speed.py": lambda d: ["--quick", "--only", "fmnist"],
+    "benchmarks/autoencoder_quality.py": lambda d: ["--minutes", "0", "--max-steps", "2", "--eval-images", "16",
+                                                    "--batch-size", "8", "--data-root", str(d["fmnist"]),
+                                                    "--val-size", "32"],
+    "benchmarks/prompt_adherence.py": lambda d: ["--per-class", "1", "--steps", "2", "--data-root", str(d["fmnist"])],
+    "benchmarks/editing_quality.py": lambda d: ["--n", "2", "--steps", "2", "--data-root", str(d["fmnist"])],
+}
 PROMPTS = "\n".join(f"a photo of a {c}" for c in ("t-shirt", "trouser", "bag")) + "\n"
 
 
@@ -41,7 +50,7 @@ def readme_commands(text: str) -> list[list[str]]:
                 continue
             argv = [re.sub(r"\$([A-Z_]+)", lambda m: variables.get(m.group(1), m.group(0)), a) for a in argv]
             if argv[:2] in (["python", "train.py"], ["python", "sample.py"], ["python", "eval.py"]) \
-                    or argv[:2] == ["python", "-m"]:
+                    or argv[:2] == ["python", "-m"] or argv[1:2] and argv[1].startswith("benchmarks/"):
                 commands.append(argv)
             elif argv[:2] == ["ldm", "convert"]:  # the console script, run as its module
                 commands.append(["python", "-m", "ldm.cli", *argv[1:]])
@@ -100,6 +109,8 @@ def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[
         if "device" in {key(a) for a in args}:
             forced["device"] = "cpu"  # the command's bf16 precision is kept (autocast on CPU)
         return str(ROOT / script), with_overrides(args, forced)
+    if script.startswith("benchmarks/"):  # argparse: the last occurrence of an option wins
+        return str(ROOT / script), [*args, *BENCHMARK_SMOKE[script](data)]
     if script == "eval.py":  # a few tiny images per cell, the generated data as the real set
         forced = {"n": "1", "steps": "[2]", "samplers": "[ddim]", "real.root": str(data["fmnist"]), "real.n": "32",
                   "baseline_n": "32", "metrics.kid_subset_size": "8", "batch_size": "16"}
