@@ -11,17 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 from ldm.pipeline import LatentDiffusionPipeline
+from tests.tiny_models import tiny_ldm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
-                attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
-UNET = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1], num_res_blocks=1,
-            attention_resolutions=[1], num_head_channels=8, context_dim=384, norm_num_groups=8)
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +24,7 @@ def export_dir(tmp_path_factory) -> Path:
     """A tiny text-conditioned model (random weights, EMA ≠ raw), exported as a user's run would be."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("pipe")
-    save_pretrained(AutoencoderKLNet(DDCONFIG, 4), root / "ae", scale_factor=0.5)
-    model = LatentDiffusion(unet=UNET, first_stage=str(root / "ae"), text_encoder={"max_length": 16},
-                            schedule={"name": "linear", "num_timesteps": 100}, ema_decay=0.9)
+    model = tiny_ldm(root, ema_decay=0.9)
     with torch.no_grad():  # give the U-Net a non-zero output layer, and make raw weights differ from EMA
         for p in model.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))

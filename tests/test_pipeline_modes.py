@@ -16,21 +16,11 @@ from ldm.diffusion.samplers import get_sampler
 from ldm.editing_pipeline import EditingPipeline
 from ldm.images import save_png
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
+from tests.tiny_models import UNET, tiny_ldm
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
-                attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
-UNET = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1], num_res_blocks=1,
-            attention_resolutions=[1], num_head_channels=8, context_dim=384, norm_num_groups=8)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +28,7 @@ def files(tmp_path_factory) -> dict:
     """A tiny text-conditioned model (random weights) exported, a 16×16 input image and a mask."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("modes")
-    save_pretrained(AutoencoderKLNet(DDCONFIG, 4), root / "ae", scale_factor=0.5)
-    model = LatentDiffusion(unet=UNET, first_stage=str(root / "ae"), text_encoder={"max_length": 16},
-                            schedule={"name": "linear", "num_timesteps": 100}, ema_decay=None)
+    model = tiny_ldm(root, ema_decay=None)
     with torch.no_grad():
         for p in model.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))

@@ -18,14 +18,9 @@ from ldm.metrics.classifier import SmallCNN, save_classifier
 from ldm.metrics.evaluate import format_table, read_csv, sample_grid, write_csv
 from ldm.metrics.plot import plot_metric_vs_steps
 from ldm.metrics.quality import SampleMetrics
-from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
+from tests.tiny_models import tiny_ldm
 
 ROOT = Path(__file__).resolve().parents[2]
-DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
-                attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
-UNET = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1], num_res_blocks=1,
-            attention_resolutions=[1], num_head_channels=8, context_dim=384, norm_num_groups=8)
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +28,7 @@ def tiny(tmp_path_factory) -> Path:
     """A tiny text-conditioned model making 16 px images, exported, and a 16 px classifier (random weights)."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("eval")
-    save_pretrained(AutoencoderKLNet(DDCONFIG, 4), root / "ae", scale_factor=0.5)
-    model = LatentDiffusion(unet=UNET, first_stage=str(root / "ae"), text_encoder={"max_length": 16},
-                            schedule={"name": "linear", "num_timesteps": 100}, ema_decay=None)
+    model = tiny_ldm(root, ema_decay=None)
     model.latent_size.fill_(8)
     model.export(root / "export")
     save_classifier(SmallCNN(width=4, image_size=16).eval(), root / "clf.safetensors")

@@ -7,19 +7,10 @@ import torch
 
 from ldm.models.conditioning import concat_to_latent_grid, inpainting_concat, upscale_condition, with_concat
 from ldm.models.latent_diffusion import LatentDiffusion
-from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 from ldm.nn.unet import UNetModel
+from tests.tiny_models import tiny_autoencoder
 
-DDCONFIG = dict(in_channels=1, out_ch=1, resolution=16, ch=8, ch_mult=[1, 2], num_res_blocks=1,
-                attn_resolutions=[], mid_attn=False, dropout=0.0, z_channels=4, double_z=True, norm_groups=4)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unet(in_channels: int, context_dim: int | None = None) -> dict:
@@ -34,8 +25,7 @@ def unet(in_channels: int, context_dim: int | None = None) -> dict:
 def ae_dir(tmp_path_factory):
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("concat")
-    save_pretrained(AutoencoderKLNet(DDCONFIG, 4), root / "ae", scale_factor=0.5)
-    return root / "ae"
+    return tiny_autoencoder(root / "ae")
 
 
 def model(ae_dir, text: bool = False) -> LatentDiffusion:
