@@ -45,7 +45,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/unet_speed.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ldm tests benchmarks train.py sample.py
+	$(VENV)/bin/ruff check ldm tests benchmarks scripts train.py sample.py eval.py
 
 clean:
 	rm -rf outputs multirun .pytest_cache
