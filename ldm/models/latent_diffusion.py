@@ -127,11 +127,7 @@ class LatentDiffusion(pl.LightningModule):
     @torch.no_grad()
     def posterior(self, x: Tensor):
         """The frozen autoencoder's posterior of images `x`; images whose channels it does not take are refused."""
-        channels = parts.image_channels(self.first_stage)
-        if channels is not None and x.shape[1] != channels:
-            raise ValueError(f"the images have {x.shape[1]} channel(s) but the autoencoder (model.first_stage="
-                             f"{self.hparams.first_stage}) takes {channels}: train the LDM on the data its autoencoder"
-                             " was trained on, or point model.first_stage at a matching autoencoder")
+        parts.check_image_channels(x, self.first_stage, self.hparams.first_stage)
         return self.first_stage.encode(x.to(parts.dtype_of(self.first_stage)))
 
     @torch.no_grad()

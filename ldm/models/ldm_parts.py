@@ -156,6 +156,15 @@ def image_channels(first_stage: nn.Module) -> int | None:
     return int(dd["in_channels"]) if isinstance(dd, Mapping) and "in_channels" in dd else None
 
 
+def check_image_channels(x: torch.Tensor, first_stage: nn.Module, source) -> None:
+    """Images (B, C, H, W) whose C the autoencoder (from `source`, for the message) does not take are refused."""
+    channels = image_channels(first_stage)
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(f"the images have {x.shape[1]} channel(s) but the autoencoder (model.first_stage={source}) "
+                         f"takes {channels}: train the LDM on the data its autoencoder was trained on, or point "
+                         "model.first_stage at a matching autoencoder")
+
+
 def check_same_first_stage(checkpoint: Mapping, first_stage: nn.Module) -> None:
     """Refuse a resume whose `model.first_stage` now names an autoencoder of another architecture than the one the
     checkpoint was trained on (e.g. `.../latest/export` after a newer autoencoder run), naming what differs."""

@@ -234,12 +234,10 @@ class FrozenTextEncoder(nn.Module):
     @torch.no_grad()
     def _encode_uncached(self, captions: list[str]) -> list[tuple[Tensor, Tensor]]:
         self._check_truncation(captions)
-        if self.pad_to_max_length:
-            return self._encode_group(captions)
-        # One caption at a time, so nothing is padded and no kernel sees another caption: its embedding is then
-        # bitwise the same whichever captions it is first met with (padding, and on some CPUs the batch's row count,
-        # change the kernels' blocking and rounding), and a resumed run, a warm cache and any DDP split all see the
-        # same contexts. Each caption is encoded once (the cache), so the cost is one small forward per caption.
+        # One caption at a time, padded or not: no kernel sees another caption, so its embedding is bitwise the same
+        # whichever captions it is first met with (padding, and on some CPUs the batch's row count, change the
+        # kernels' blocking and rounding), and a resumed run, a warm cache and any DDP split all see the same
+        # contexts. Each caption is encoded once (the cache), so the cost is one small forward per caption.
         return [item for caption in captions for item in self._encode_group([caption])]
 
     def _encode_group(self, captions: list[str]) -> list[tuple[Tensor, Tensor]]:

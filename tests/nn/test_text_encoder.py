@@ -44,6 +44,10 @@ def test_pad_to_max_length_and_mask_padding(minilm):
     assert ctx.shape == (2, 16, 384) and mask[0].sum() == len(minilm.tokenizer("a bag")["input_ids"])
     _, mask = sibling(minilm, pad_to_max_length=True, mask_padding=False).encode(["a bag"])
     assert mask.all() and mask.shape == (1, 16)
+    # padded to max_length too, a caption's embedding does not depend on how many captions it is encoded with
+    alone, _ = sibling(minilm, pad_to_max_length=True).encode(["a bag"])
+    many, _ = sibling(minilm, pad_to_max_length=True).encode(["a bag", "a coat", "a hat", "a cap", "a sock", "a tie"])
+    assert torch.equal(alone[0], many[0])
 
 
 def test_truncation_warns_once(minilm):
