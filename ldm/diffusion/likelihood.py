@@ -77,6 +77,24 @@ def vlb_terms(denoiser: Denoiser, x0: Tensor, x_t: Tensor, t: Tensor, out=None) 
     return torch.where(t == 0, nll, kl)
 
 
+def timestep_subset(T: int, k: int, spacing: str = "uniform") -> tuple[Tensor, Tensor]:
+    """t = 0 and up to k−1 timesteps t ≥ 1 with quadrature weights for Σ_{t=1}^{T−1} L_t: "uniform" spaces them
+    evenly (weight (T−1)/(k−1) each); "quadratic" crowds them near t = 1, where the terms of a trained model change
+    fastest, each weighted by the number of t ≥ 1 nearer to it than to any other chosen t (weights sum to T−1).
+    Returns (timesteps (K,), weights (K,)), weight 1 for t = 0."""
+    if spacing not in ("uniform", "quadratic"):
+        raise ValueError(f"spacing must be uniform or quadratic, got {spacing!r}")
+    u = torch.linspace(0, 1, k - 1, dtype=torch.float64)
+    rest = (1 + (T - 2) * (u if spacing == "uniform" else u**2)).round().long().unique()
+    if spacing == "uniform":
+        w = torch.full((len(rest),), (T - 1) / len(rest), dtype=torch.float64)
+    else:
+        all_t = torch.arange(1, T, dtype=torch.float64)
+        nearest = (all_t[:, None] - rest[None].double()).abs().argmin(dim=1)  # ties go to the smaller t
+        w = torch.bincount(nearest, minlength=len(rest)).double()
+    return torch.cat([torch.zeros(1, dtype=torch.long), rest]), torch.cat([torch.ones(1, dtype=torch.float64), w])
+
+
 @torch.no_grad()
 def bits_per_dim(
     denoiser: Denoiser,
@@ -86,24 +104,25 @@ def bits_per_dim(
     *,
     batch_size: int = 256,
     return_terms: bool = False,
+    spacing: str = "uniform",
 ):
     """The variational bound L_0 + Σ_{t≥1} L_t + L_T (bits/dim, per sample) of 8-bit data x0 in [-1, 1].
 
     num_timesteps=None evaluates every t (the bound itself, stochastic only through x_t ~ q(x_t|x0));
-    an int K ≥ 2 evaluates t = 0 and K−1 evenly spaced t ≥ 1, scaling their sum by (T−1)/(K−1) (an estimate).
+    an int K ≥ 2 evaluates t = 0 and K−1 timesteps t ≥ 1 placed by `spacing` (see `timestep_subset`) and sums
+    their terms with its quadrature weights (an estimate; uniform: the sum scaled by (T−1)/(K−1)).
     Up to `batch_size` network evaluations run per call. With return_terms, returns a dict with "total",
-    "prior", "terms" (B, K) and "timesteps" (K,).
+    "prior", "terms" (B, K), "timesteps" (K,) and "weights" (K,).
     """
     T = denoiser.schedule.num_timesteps
     B = x0.shape[0]
     if num_timesteps is None or num_timesteps >= T:
-        ts, weight = torch.arange(T, device=x0.device), 1.0
+        ts, weights = torch.arange(T), torch.ones(T, dtype=torch.float64)
     elif num_timesteps < 2 or T < 2:
         raise ValueError(f"num_timesteps must be None or >= 2, got {num_timesteps}")
     else:
-        rest = torch.linspace(1, T - 1, num_timesteps - 1, dtype=torch.float64).round().long().unique()
-        ts = torch.cat([torch.zeros(1, dtype=torch.long), rest]).to(x0.device)
-        weight = (T - 1) / (len(ts) - 1)
+        ts, weights = timestep_subset(T, num_timesteps, spacing)
+    ts, weights = ts.to(x0.device), weights.to(x0.device, x0.dtype)
     K = len(ts)
     # Flatten (t, sample) pairs into chunks of whole copies of the batch: row i is (ts[i // B], x0[i % B]).
     per_chunk = max(1, batch_size // B)
@@ -117,7 +136,7 @@ def bits_per_dim(
         terms[start:start + len(tk)] = vlb_terms(denoiser, x0_rep, x_t, t_rep).reshape(len(tk), B)
     terms = terms.T  # (B, K)
     prior = prior_bpd(denoiser.schedule, x0)
-    total = prior + terms[:, 0] + weight * terms[:, 1:].sum(dim=1)
+    total = prior + terms @ weights
     if return_terms:
-        return {"total": total, "prior": prior, "terms": terms, "timesteps": ts}
+        return {"total": total, "prior": prior, "terms": terms, "timesteps": ts, "weights": weights}
     return total

@@ -35,21 +35,30 @@ def plot_metric_vs_steps(rows: Sequence[dict], path: str | Path, metric: str = "
         series.setdefault(name, []).append((float(r["steps"]), float(r[metric])))
     if not series:
         raise ValueError(f"no rows with steps and {metric!r} to plot")
+    return line_plot(series, path, x_label="sampling steps (log)", title=title or f"{metric} vs sampling steps",
+                     log_x=True, size=size)
+
+
+def line_plot(series: dict[str, list[tuple]], path: str | Path, *, x_label: str, title: str, log_x: bool = False,
+              sort_x: bool = True, size: tuple[int, int] = (640, 420)) -> Path:
+    """One line per series of (x, y) or (x, y, point label) points; x ticks at the points' x values when they are
+    few, else evenly spaced. `sort_x=False` joins points in the given order (e.g. a trade-off curve)."""
     W, H = size
     left, right, top, bottom = 70, 20, 40, 50
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    xs = [x for pts in series.values() for x, _ in pts]
-    ys = [y for pts in series.values() for _, y in pts]
-    x_lo, x_hi = math.log(min(xs)), math.log(max(xs))
-    pad = max(0.06 * (x_hi - x_lo), 0.3)  # keep the end points off the frame
+    xs = [p[0] for pts in series.values() for p in pts]
+    ys = [p[1] for pts in series.values() for p in pts]
+    fx = math.log if log_x else (lambda v: v)
+    x_lo, x_hi = fx(min(xs)), fx(max(xs))
+    pad = max(0.06 * (x_hi - x_lo), 0.3 if log_x else 0.06 * max(abs(x_hi), 1e-9))  # end points off the frame
     x_lo, x_hi = x_lo - pad, x_hi + pad
     y_ticks = _ticks(min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
     y_lo, y_hi = y_ticks[0], max(y_ticks[-1], max(ys))
 
     def px(x: float, y: float) -> tuple[float, float]:
-        u = (math.log(x) - x_lo) / (x_hi - x_lo)
+        u = (fx(x) - x_lo) / (x_hi - x_lo)
         v = (y - y_lo) / (y_hi - y_lo) if y_hi > y_lo else 0.5
         return left + u * (W - left - right), H - bottom - v * (H - top - bottom)
 
@@ -58,20 +67,23 @@ def plot_metric_vs_steps(rows: Sequence[dict], path: str | Path, metric: str = "
         _, yy = px(min(xs), y)
         draw.line([left, yy, W - right, yy], fill=(225, 225, 225))
         draw.text((5, yy - 6), f"{y:g}", fill="black", font=font)
-    for x in sorted(set(xs)):
+    x_ticks = sorted(set(xs)) if len(set(xs)) <= 8 or log_x else _ticks(min(xs), max(xs))
+    for x in x_ticks:
         xx, _ = px(x, y_lo)
         draw.line([xx, H - bottom, xx, H - bottom + 4], fill="black")
-        draw.text((xx - 6, H - bottom + 8), f"{x:g}", fill="black", font=font)
-    draw.text((W // 2 - 50, H - 20), "sampling steps (log)", fill="black", font=font)
-    draw.text((5, 10), title or f"{metric} vs sampling steps", fill="black", font=font)
+        draw.text((xx - 6, H - bottom + 8), f"{x:.3g}", fill="black", font=font)
+    draw.text((W // 2 - 3 * len(x_label), H - 20), x_label, fill="black", font=font)
+    draw.text((5, 10), title, fill="black", font=font)
     for i, (name, pts) in enumerate(sorted(series.items())):
         colour = COLOURS[i % len(COLOURS)]
-        pts = sorted(pts)
-        coords = [px(x, y) for x, y in pts]
+        pts = sorted(pts) if sort_x else list(pts)
+        coords = [px(p[0], p[1]) for p in pts]
         if len(coords) > 1:
             draw.line(coords, fill=colour, width=2)
-        for cx, cy in coords:
+        for (cx, cy), p in zip(coords, pts, strict=True):
             draw.ellipse([cx - 3, cy - 3, cx + 3, cy + 3], fill=colour)
+            if len(p) > 2:
+                draw.text((cx + 5, cy - 12), str(p[2]), fill=colour, font=font)
         lx, ly = W - right - 150, top + 8 + 14 * i
         draw.line([lx, ly + 6, lx + 18, ly + 6], fill=colour, width=3)
         draw.text((lx + 24, ly), name, fill="black", font=font)

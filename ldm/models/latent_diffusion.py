@@ -336,7 +336,13 @@ class LatentDiffusion(pl.LightningModule):
                                         {"context": ctx, "context_mask": mask, **extra},
                                         {"context": nctx, "context_mask": nmask, **extra}, guidance, guidance_rescale,
                                         learned_variance=self.learned_variance)
-        return Denoiser(model_fn, self.schedule, hp.prediction_type, hp.variance_type)
+        return Denoiser(model_fn, self.schedule, hp.prediction_type, hp.variance_type, clip_x0=self.clip_x0)
+
+    @property
+    def clip_x0(self) -> float | None:
+        """1.0 in pixel space (DDPM's clip_denoised: the predicted x0 stays inside the data range [-1, 1]); None for
+        latents, which have no fixed range."""
+        return 1.0 if getattr(self.first_stage, "config", {}).get("type") == "PixelSpace" else None
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None,

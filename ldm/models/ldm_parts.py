@@ -98,13 +98,18 @@ def load_first_stage(spec, trust: bool = False) -> tuple[nn.Module, float]:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"model.first_stage: {e}") from e
     spec = _container(spec)
+    if isinstance(spec, Mapping) and spec.get("type") == "PixelSpace":
+        from ldm.nn.autoencoder import PixelSpace
+
+        return PixelSpace(spec.get("channels", 1)), 1.0
     if isinstance(spec, Mapping) and "ddconfig" in spec:
         from ldm.nn.autoencoder import AutoencoderKLNet
 
         log.info("first stage built from its architecture only: its weights come from a checkpoint")
         return AutoencoderKLNet(spec["ddconfig"], spec["embed_dim"]), float(spec.get("scale_factor", 1.0))
     raise TypeError("first_stage must be a path to an exported autoencoder / AutoencoderKL checkpoint, a "
-                    f"module, or an architecture dict with ddconfig and embed_dim; got {type(spec).__name__}")
+                    "module, an architecture dict with ddconfig and embed_dim, or {type: PixelSpace, channels: C}; "
+                    f"got {type(spec).__name__}")
 
 
 def latent_channels(first_stage: nn.Module) -> int | None:
@@ -152,6 +157,8 @@ def first_stage_config(first_stage: nn.Module, scale_factor: float) -> dict | No
 def image_channels(first_stage: nn.Module) -> int | None:
     """Input channels of the autoencoder, from its config (None when it does not say)."""
     cfg = getattr(first_stage, "config", None)
+    if isinstance(cfg, Mapping) and cfg.get("type") == "PixelSpace":
+        return int(cfg["channels"])
     dd = cfg.get("ddconfig") if isinstance(cfg, Mapping) else None
     return int(dd["in_channels"]) if isinstance(dd, Mapping) and "in_channels" in dd else None
 
@@ -224,7 +231,7 @@ def export(model, directory: str | Path, use_ema: bool = True) -> Path:
     save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
               str(directory / "unet.safetensors"))
     if getattr(model.first_stage, "config", None) is None:
-        raise ValueError("export needs a first stage with a .config (AutoencoderKLNet)")
+        raise ValueError("export needs a first stage with a .config (AutoencoderKLNet or PixelSpace)")
     save_pretrained(model.first_stage, directory / "first_stage", model.scale_factor)
     hp = dict(_container(dict(model.hparams)))
     if hp.get("unet") is None:

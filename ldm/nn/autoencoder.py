@@ -231,6 +231,43 @@ class AutoencoderKLNet(nn.Module):
         return self.decode(z), posterior
 
 
+class PointMass:
+    """The posterior of the identity first stage: all mass at x (std 0, so z = x exactly)."""
+
+    def __init__(self, x: Tensor):
+        self.mean, self.std, self.var = x, torch.zeros_like(x), torch.zeros_like(x)
+
+    def sample(self, generator: rng.Generator = None) -> Tensor:
+        return self.mean
+
+    def mode(self) -> Tensor:
+        return self.mean
+
+
+class PixelSpace(nn.Module):
+    """The identity first stage (f = 1): a LatentDiffusion on it is a pixel-space diffusion model, with the same
+    U-Net, objectives, samplers and bits/dim evaluator. Config: `model.first_stage={type: PixelSpace,
+    channels: 1}`; the scale factor is 1 (images in [-1, 1])."""
+
+    downsample_factor = 1
+    scale_factor = 1.0
+
+    def __init__(self, channels: int = 1):
+        super().__init__()
+        self.embed_dim = int(channels)
+        self.config = {"type": "PixelSpace", "channels": self.embed_dim, "embed_dim": self.embed_dim}
+
+    def encode(self, x: Tensor) -> PointMass:
+        return PointMass(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z
+
+
+def is_pixel_space(spec) -> bool:
+    return isinstance(spec, Mapping) and spec.get("type") == "PixelSpace"
+
+
 @torch.no_grad()
 def latent_moments(net: AutoencoderKLNet, images: Iterable[Tensor], num_batches: int | None = None,
                    generator: rng.Generator = None, sample: bool = True) -> Tensor:
@@ -261,8 +298,12 @@ def save_pretrained(net: AutoencoderKLNet, directory: str | Path, scale_factor: 
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
-              str(directory / "model.safetensors"))
+    if not isinstance(net, PixelSpace):
+        save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
+                  str(directory / "model.safetensors"))
+    if isinstance(net, PixelSpace):  # no weights: the config says everything
+        (directory / "config.json").write_text(json.dumps({**net.config, "scale_factor": 1.0}, indent=2))
+        return directory
     config = {"type": "AutoencoderKL", **net.config, "scale_factor": float(scale_factor)}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
@@ -283,6 +324,8 @@ def load_pretrained(path: str | Path, *, trust: bool = False,
         if not cfg_file.is_file():
             raise CheckpointError(f"{path} has no config.json (expected an exported autoencoder folder)")
         config = json.loads(cfg_file.read_text())
+        if is_pixel_space(config):
+            return PixelSpace(config.get("channels", 1)), 1.0
         net = AutoencoderKLNet(config["ddconfig"], config["embed_dim"])
         load_weights_into(net, load_file(path / "model.safetensors"), source=str(path))
         return net.eval(), float(config.get("scale_factor", 1.0))

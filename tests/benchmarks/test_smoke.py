@@ -66,3 +66,40 @@ def test_steps_to_target_picks_the_fewest_steps_within_tolerance():
     assert out["target_fid"] == pytest.approx(5.5)
     assert out["samplers"]["ddim"]["steps"] == 20 and out["samplers"]["dpmpp_2m"]["steps"] == 10
     assert mod.steps_to_target(rows, tolerance=0.0)["samplers"]["dpmpp_2m"] is None
+
+
+def test_gpu_speed_smoke_on_the_cpu(tmp_path):
+    """The GPU suite's code path on the CPU: every setting row, FLOPs counted, the diffusers ratio; no MFU without a
+    known peak, and one with --peak-tflops."""
+    out = load("gpu_speed").main(["--smoke", "--sdpa", "math", "--peak-tflops", "1", "--out", str(tmp_path / "g.json")])
+    settings = [r["setting"] for r in out["rows"]]
+    assert settings[:5] == ["fp32", "+ bf16 autocast", "+ channels_last", "+ fused AdamW", "+ SDPA math"]
+    assert out["rows"][-1]["model"] == "diffusers" and out["ours_over_diffusers"]["train"] > 0
+    assert out["train_tflop_per_step"] > 0 and all(0 < r["mfu"] < 1 for r in out["rows"])
+    assert json.loads((tmp_path / "g.json").read_text())["smoke"] is True
+
+
+def test_gpu_speed_refuses_cuda_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        load("gpu_speed").main(["--device", "cuda"])
+
+
+@pytest.mark.slow
+def test_ldm_f_tradeoff_smoke(tmp_path):
+    """f = 1 and f = 8 end to end on a tiny data set: two diffusion runs and one autoencoder run through train.py,
+    scored, timed, tabulated and plotted; a second call reuses the runs."""
+    from tests.integration.conftest import make_fmnist
+
+    root = make_fmnist(tmp_path / "fmnist", n_train=96, n_test=32)
+    args = ["--smoke", "--data-root", str(root), "--out", str(tmp_path / "f")]
+    summary = load("ldm_f_tradeoff").main(args)
+    rows = {r["f"]: r for r in summary["rows"]}
+    assert set(rows) == {1, 8} and rows[1]["latent"] == "32×32×1" and rows[8]["latent"] == "4×4×8"
+    assert rows[1]["ae_psnr_db"] is None and rows[8]["ae_psnr_db"] > 0
+    assert all(r["train_images_per_s"] > 0 and r["sampling_images_per_s"] > 0 and r["fid"] >= 0 for r in rows.values())
+    for name in ("tradeoff.csv", "summary.json", "fid_vs_train_throughput.png", "fid_vs_sampling_speed.png"):
+        assert (tmp_path / "f" / name).is_file()
+    again = load("ldm_f_tradeoff").main(args)
+    assert [r["train_wall_s"] for r in again["rows"]] == [r["train_wall_s"] for r in summary["rows"]]

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from ldm.diffusion.denoiser import Denoiser
+from ldm.diffusion.likelihood import timestep_subset
 from ldm.diffusion.objectives import (
     approx_standard_normal_cdf,
     bits_per_dim,
@@ -299,3 +300,26 @@ def test_bad_options_raise_clear_errors():
         training_losses(x0, x0, x0, t, x0, zt, prediction_type="eps")
     with pytest.raises(ValueError, match="num_timesteps"):
         bits_per_dim(Denoiser(lambda x, t: x, s), x0, num_timesteps=1)
+
+
+def test_quadratic_timestep_subset_is_a_quadrature_crowded_near_t1():
+    ts, w = timestep_subset(1000, 100, "quadratic")
+    assert ts[0] == 0 and ts[1] == 1 and ts[-1] == 999 and w[0] == 1 and w[1:].sum() == 999
+    assert (ts[1:7].diff() == 1).all() and ts[-1] - ts[-2] > 10  # dense where L_t changes fastest
+    ts_s, w_s = timestep_subset(50, 10, "quadratic")  # each t ≥ 1 counted once, by its nearest chosen t
+    assert w_s[1:].sum() == 49 and (w_s > 0).all() and len(ts_s) == len(w_s)
+    ts_u, w_u = timestep_subset(1000, 5, "uniform")
+    assert ts_u.tolist() == [0, 1, 334, 666, 999]
+    assert torch.allclose(w_u[1:], torch.full((4,), 999 / 4.0, dtype=w_u.dtype))
+    with pytest.raises(ValueError, match="spacing"):
+        timestep_subset(10, 3, "log")
+
+
+def test_bits_per_dim_quadratic_estimate_weights_each_term():
+    s, x0, delta = NoiseSchedule.from_config("linear", T_SMALL), _grid_data(), 0.005
+    den = Denoiser(_oracle(s, x0, "x0", delta), s, "x0")
+    full = bits_per_dim(den, x0, return_terms=True)
+    est = bits_per_dim(den, x0, num_timesteps=5, spacing="quadratic", return_terms=True)
+    idx = est["timesteps"]
+    close(est["terms"], full["terms"][:, idx], rtol=1e-8)  # noise-free terms: the same values at the same t
+    close(est["total"], est["prior"] + est["terms"] @ est["weights"], rtol=1e-10)
