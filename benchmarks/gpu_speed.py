@@ -37,13 +37,17 @@ from ldm.nn.unet import UNetModel  # noqa: E402
 PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("GH200", 989.4),
                     ("A100", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("A10", 125.0),
                     ("RTX 4090", 165.2), ("A6000", 154.8)]
-SD_V1 = dict(in_channels=4, out_channels=4, model_channels=320, channel_mult=[1, 2, 4, 4], num_res_blocks=2,
-             attention_resolutions=[4, 2, 1], num_heads=8, num_head_channels=-1, transformer_depth=1,
-             context_dim=768, use_linear_in_transformer=False, image_size=64)
+SD_V1_CONFIG = ROOT / "conf" / "model" / "unet" / "sd_v1.yaml"  # the U-Net `model=sd_v1` trains
 TINY = dict(in_channels=4, out_channels=4, model_channels=32, channel_mult=[1, 2], num_res_blocks=1,
             attention_resolutions=[1, 2], num_heads=-1, num_head_channels=16, context_dim=64, image_size=8,
             norm_num_groups=8)
 SDPA = ("flash", "efficient", "math")
+
+
+def sd_v1_config() -> dict:
+    from omegaconf import OmegaConf
+
+    return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(SD_V1_CONFIG)).items() if k != "_target_"}
 
 
 def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     a = p.parse_args(argv)
     a.sdpa = [s for s in a.sdpa.split(",") if s]
-    cfg = SD_V1
+    cfg = sd_v1_config()
     if a.smoke:
         cfg, a.device, a.batch, a.ctx_len, a.steps, a.reps, a.warmup = TINY, "cpu", 2, 8, 1, 1, 1
         a.no_compile, a.sdpa = True, [s for s in a.sdpa if s != "efficient"]  # efficient: CUDA only

@@ -7,10 +7,13 @@ latent models at f = 1 (pixel space), 2, 4 and 8 trained on the same budget.
 For each f it runs, with plain `train.py` commands (printed; a run whose checkpoint exists is reused):
   - f > 1: the autoencoder `experiment=fmnist_autoencoder model/autoencoder@model=fmnist_f{f}` (--ae-steps);
   - the diffusion model `experiment=fmnist_pixel_ddpm` (f = 1) or the same experiment on that autoencoder with
-    `model/unet=fmnist_f{f}` and cached latents: one U-Net width (32), schedule (DDPM linear), objective (ε,
-    learned_range, hybrid loss), batch (64) and number of steps (--ldm-steps) for every f.
+    `model/unet=fmnist_f{f}`, cached latents and the LDM's scaled-linear schedule (--latent-schedule): one U-Net
+    width (32), objective (ε, learned_range, hybrid loss), batch (64) and number of steps (--ldm-steps) for every
+    f. The schedule is each space's standard: DDPM's linear one for pixels, the LDM's for unit-variance latents —
+    with DDPM's linear schedule the latent models learn far more slowly (docs/metrics.md has the comparison).
 Then it scores each model with the domain FID / KID and prompt adherence (--n samples per class prompt, DDIM,
---steps, --guidance; the Fashion-MNIST classifier's features against the test split) and times
+--steps, --guidance; the Fashion-MNIST classifier's features against the test split), scores its autoencoder's
+reconstructions of --psnr-n training images the same way (PSNR and `ae_rec_fid`: the floor for that f), and times
   - training throughput: images/s of the U-Net training step (forward, backward, AdamW) on cached latents, the
     steady state of each run (the one-off latent cache is timed apart: `cache_s`);
   - sampling: images/s of the whole sampler (all steps, both guidance branches, the decoder).
@@ -32,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 COLUMNS = ["f", "latent", "unet_params_m", "fid", "kid", "adherence", "train_images_per_s", "sampling_images_per_s",
-           "train_wall_s", "ae_psnr_db"]
+           "train_wall_s", "ae_psnr_db", "ae_rec_fid"]
 
 
 def run(args: list[str], log_file: Path) -> float:
@@ -80,7 +83,8 @@ def train_ldm(f: int, a, out: Path, first_stage: Path | None) -> tuple[Path, flo
             f"callbacks.model_checkpoint.every_n_train_steps={a.ldm_steps}", "callbacks=default",
             f"hydra.run.dir={run_dir}", f"data.train.root={a.data_root}", *a.extra]
     if f > 1:
-        args += [f"model.first_stage={first_stage}", f"model/unet=fmnist_f{f}", "model.latent_cache=true"]
+        args += [f"model.first_stage={first_stage}", f"model/unet=fmnist_f{f}", "model.latent_cache=true",
+                 f"model/schedule={a.latent_schedule}"]
     if a.smoke:
         args += smoke_overrides() + ["model.val_steps=2", "model.val_images_per_prompt=1"]
     seconds = run(args, out / f"ldm_f{f}.log")
@@ -88,21 +92,24 @@ def train_ldm(f: int, a, out: Path, first_stage: Path | None) -> tuple[Path, flo
     return ckpt, seconds
 
 
-def ae_psnr(first_stage: Path | None, root: str, n: int) -> float | None:
-    """Test-split PSNR (dB) of the autoencoder's reconstructions (posterior mode), on n images."""
+def autoencoder_ceiling(first_stage: Path | None, a, quality, clf) -> dict:
+    """What the first stage alone allows: test-split PSNR (dB, mean per image) of its reconstructions (posterior
+    mode) on --psnr-n images, and the domain FID / adherence of those reconstructions scored like samples (the
+    floor no latent model on it can beat)."""
     if first_stage is None:
-        return None
+        return {"ae_psnr_db": None, "ae_rec_fid": None}
     import torch
 
-    from ldm.metrics.evaluate import real_images
+    from ldm.metrics import evaluate as ev
     from ldm.nn.autoencoder import load_pretrained
 
     net, _ = load_pretrained(first_stage)
-    x, _ = real_images("test", n, 32, root)
+    x, labels = ev.real_images("train", a.psnr_n, 32, a.data_root, seed=a.seed)  # not the FID reference split
     with torch.no_grad():
         rec = torch.cat([net.decode(net.encode(b).mode()).clamp(-1, 1) for b in x.split(250)])
     mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)  # on [0, 1]
-    return float((-10 * torch.log10(mse.clamp_min(1e-12))).mean())
+    scored = ev.score(quality, rec, labels, clf, seed=a.seed)
+    return {"ae_psnr_db": float((-10 * torch.log10(mse.clamp_min(1e-12))).mean()), "ae_rec_fid": scored["fid"]}
 
 
 def train_throughput(model, batch: int, steps: int, reps: int) -> float:
@@ -153,7 +160,7 @@ def evaluate(f: int, ckpt: Path, first_stage: Path | None, a, clf, quality) -> d
             "fid": rows[0]["fid"], "kid": rows[0]["kid"], "adherence": rows[0]["adherence"],
             "sampling_images_per_s": rows[0]["images_per_s"],
             "train_images_per_s": round(train_throughput(model, a.train_batch, a.time_steps, a.reps), 2),
-            "ae_psnr_db": ae_psnr(first_stage, a.data_root, a.psnr_n)}
+            **autoencoder_ceiling(first_stage, a, quality, clf)}
 
 
 def plots(rows: list[dict], out: Path) -> list[Path]:
@@ -175,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--factors", default=None, help="comma-separated f (default 1,2,4,8; --smoke: 1,8)")
     p.add_argument("--ae-steps", type=int, default=2000, help="autoencoder steps (each f > 1)")
     p.add_argument("--ldm-steps", type=int, default=1000, help="diffusion training steps (each f)")
+    p.add_argument("--latent-schedule", default="scaled_linear",
+                   help="noise schedule of the f > 1 models (f = 1 keeps fmnist_pixel_ddpm's DDPM linear)")
     p.add_argument("--n", type=int, default=100, help="samples per class prompt (10 prompts)")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance", type=float, default=6.0)
@@ -183,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-batch", type=int, default=64, help="batch of the throughput measurement")
     p.add_argument("--time-steps", type=int, default=5, help="timed training steps per repetition")
     p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--psnr-n", type=int, default=1000, help="test images of the autoencoder PSNR")
+    p.add_argument("--psnr-n", type=int, default=1000,
+                   help="training images reconstructed for the autoencoder's PSNR and reconstruction FID")
     p.add_argument("--data-root", default="/usr/share/datasets/fashion-mnist")
     p.add_argument("--classifier", default=str(ROOT / "outputs" / "classifier" / "fmnist_classifier.safetensors"))
     p.add_argument("--real-n", type=int, default=None, help="test images in the FID reference (default: all)")

@@ -97,7 +97,7 @@ def test_ldm_f_tradeoff_smoke(tmp_path):
     summary = load("ldm_f_tradeoff").main(args)
     rows = {r["f"]: r for r in summary["rows"]}
     assert set(rows) == {1, 8} and rows[1]["latent"] == "32×32×1" and rows[8]["latent"] == "4×4×8"
-    assert rows[1]["ae_psnr_db"] is None and rows[8]["ae_psnr_db"] > 0
+    assert rows[1]["ae_psnr_db"] is None and rows[8]["ae_psnr_db"] > 0 and rows[8]["ae_rec_fid"] >= 0
     assert all(r["train_images_per_s"] > 0 and r["sampling_images_per_s"] > 0 and r["fid"] >= 0 for r in rows.values())
     for name in ("tradeoff.csv", "summary.json", "fid_vs_train_throughput.png", "fid_vs_sampling_speed.png"):
         assert (tmp_path / "f" / name).is_file()

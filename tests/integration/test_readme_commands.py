@@ -25,6 +25,10 @@ pytestmark = pytest.mark.slow
 # Commands that cannot run on a CPU machine without a cluster, with the test that covers them instead.
 NOT_RUN = {
     "hydra/launcher=submitit_slurm": "submits to SLURM; tests/integration/test_slurm.py checks the launcher config",
+    "--device": "benchmarks/gpu_speed.py --device cuda needs a GPU; tests/benchmarks/test_smoke.py runs its CPU smoke "
+                "mode (every setting, FLOP count, MFU, the diffusers ratio)",
+    "benchmarks/ldm_f_tradeoff.py": "an hour of training; tests/benchmarks/test_ldm_f_tradeoff_smoke runs the same "
+                                    "script in --smoke mode on generated data and checks its table and plots",
 }
 # Options appended to the README's benchmark lines: tiny runs on the generated data (the figures need the real runs).
 BENCHMARK_SMOKE = {
@@ -118,6 +122,9 @@ def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[
     if args[0] == "ldm.metrics.classifier":  # argparse: the last occurrence of an option wins
         return f"-m {args[0]}", [*args[1:], "--data-root", str(data["fmnist"]), "--epochs", "1",
                                     "--val-size", "32"]
+    if args[0] == "ldm.metrics.nll":  # argparse: a few test images and timesteps of the generated data
+        return f"-m {args[0]}", [*args[1:], "--data-root", str(data["fmnist"]), "--n", "4", "--timesteps", "3",
+                                    "--batch-size", "12"]
     if args[0] == "ldm.cli":  # argparse options, paths made by earlier commands
         return f"-m {args[0]}", args[1:]
     forced = {k: v for k, v in train_overrides(args, i, data).items() if k.startswith("data.")}
