@@ -124,7 +124,7 @@ def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[
                                     "--val-size", "32"]
     if args[0] == "ldm.metrics.nll":  # argparse: a few test images and timesteps of the generated data
         return f"-m {args[0]}", [*args[1:], "--data-root", str(data["fmnist"]), "--n", "4", "--timesteps", "3",
-                                    "--batch-size", "12"]
+                                    "--full-check", "1", "--batch-size", "12"]
     if args[0] == "ldm.cli":  # argparse options, paths made by earlier commands
         return f"-m {args[0]}", args[1:]
     forced = {k: v for k, v in train_overrides(args, i, data).items() if k.startswith("data.")}
