@@ -222,9 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"sample {r['sample_images_per_s']:.2f} img/s", flush=True)
         return r
 
-    for label, setting in settings(a):
-        add(label, "ours", setting)
-    ok = [(r, s) for r, (lbl, s) in zip(rows, settings(a), strict=True) if "error" not in r]
+    measured = [(add(label, "ours", setting), setting) for label, setting in settings(a)]
+    ok = [(r, s) for r, s in measured if r is not None]
+    if not ok:
+        raise SystemExit("no setting ran on this device (see the errors above)")
     best_row, best = max(ok, key=lambda rs: rs[0]["train_images_per_s"])
     if not a.no_compile:
         add(f"{best_row['setting']} + torch.compile", "ours", {**best, "compile": True})

@@ -100,6 +100,7 @@ def autoencoder_ceiling(first_stage: Path | None, a, quality, clf) -> dict:
         return {"ae_psnr_db": None, "ae_rec_fid": None}
     import torch
 
+    from ldm.editing_pipeline import psnr
     from ldm.metrics import evaluate as ev
     from ldm.nn.autoencoder import load_pretrained
 
@@ -107,9 +108,8 @@ def autoencoder_ceiling(first_stage: Path | None, a, quality, clf) -> dict:
     x, labels = ev.real_images("train", a.psnr_n, 32, a.data_root, seed=a.seed)  # not the FID reference split
     with torch.no_grad():
         rec = torch.cat([net.decode(net.encode(b).mode()).clamp(-1, 1) for b in x.split(250)])
-    mse = ((rec - x) / 2).pow(2).flatten(1).mean(1)  # on [0, 1]
     scored = ev.score(quality, rec, labels, clf, seed=a.seed)
-    return {"ae_psnr_db": float((-10 * torch.log10(mse.clamp_min(1e-12))).mean()), "ae_rec_fid": scored["fid"]}
+    return {"ae_psnr_db": statistics.mean(psnr(r, o) for r, o in zip(rec, x, strict=True)), "ae_rec_fid": scored["fid"]}
 
 
 def train_throughput(model, batch: int, steps: int, reps: int) -> float:
@@ -226,25 +226,15 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print("  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}" for k in COLUMNS
                         if row.get(k) is not None), flush=True)
-    widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in COLUMNS}
-    table = "\n".join(["  ".join(c.ljust(widths[c]) for c in COLUMNS)]
-                      + ["  ".join(_fmt(r.get(c)).ljust(widths[c]) for c in COLUMNS) for r in rows])
+    table = ev.format_table(rows, COLUMNS)
     print(table)
     (out / "tradeoff.txt").write_text(table + "\n")
-    with (out / "tradeoff.csv").open("w") as fh:
-        fh.write(",".join(COLUMNS) + "\n")
-        fh.writelines(",".join(_fmt(r.get(c)) for c in COLUMNS) + "\n" for r in rows)
+    ev.write_csv(rows, out / "tradeoff.csv", COLUMNS)
     paths = plots(rows, out)
     summary = {"rows": rows, "settings": {k: v for k, v in vars(a).items()}, "plots": [str(q) for q in paths]}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {out / 'tradeoff.csv'}, {out / 'summary.json'} and the plots in {out}")
     return summary
-
-
-def _fmt(v) -> str:
-    if v is None:
-        return ""
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 if __name__ == "__main__":

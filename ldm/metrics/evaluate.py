@@ -114,14 +114,14 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_csv(rows: Sequence[dict], path: str | Path) -> Path:
+def write_csv(rows: Sequence[dict], path: str | Path, columns: Sequence[str] = COLUMNS) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row.get(k, "") if row.get(k) is not None else "" for k in COLUMNS})
+            writer.writerow({k: row.get(k, "") if row.get(k) is not None else "" for k in columns})
     return path
 
 
@@ -130,9 +130,9 @@ def read_csv(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def format_table(rows: Sequence[dict]) -> str:
+def format_table(rows: Sequence[dict], columns: Sequence[str] = COLUMNS) -> str:
     """A fixed-width text table of the columns that hold any value."""
-    cols = [c for c in COLUMNS if any(r.get(c) not in (None, "") for r in rows)]
+    cols = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
     cells = [[_fmt(r.get(c)) for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]

@@ -110,13 +110,12 @@ def evaluate(ckpt: str, *, n: int | None = 1000, timesteps: int | None = 100, fu
         bpd = test_set_bits_per_dim(model, images, caps, timesteps=timesteps, batch_size=batch_size, seed=seed,
                                     spacing=spacing)
         result[cond] = {**summarize(bpd, dims, real_dims), "seconds": round(time.time() - t0, 1)}
-        if full_check:
+        if full_check:  # every t on the first m images, against their estimates above
             m = min(full_check, len(images))
             full = test_set_bits_per_dim(model, images[:m], caps[:m], timesteps=None, batch_size=batch_size,
                                          seed=seed + 1)
-            est = test_set_bits_per_dim(model, images[:m], caps[:m], timesteps=timesteps, batch_size=batch_size,
-                                        seed=seed + 1, spacing=spacing)
-            result[cond]["full_check"] = {"n": m, "bpd_all_t": float(full.mean()), "bpd_estimate": float(est.mean())}
+            result[cond]["full_check"] = {"n": m, "bpd_all_t": float(full.mean()),
+                                          "bpd_estimate": float(bpd[:m].mean())}
     return result
 
 

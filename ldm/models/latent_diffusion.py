@@ -340,9 +340,8 @@ class LatentDiffusion(pl.LightningModule):
 
     @property
     def clip_x0(self) -> float | None:
-        """1.0 in pixel space (DDPM's clip_denoised: the predicted x0 stays inside the data range [-1, 1]); None for
-        latents, which have no fixed range."""
-        return 1.0 if getattr(self.first_stage, "config", {}).get("type") == "PixelSpace" else None
+        """The range the predicted x0 is clipped to: the first stage's (pixels: 1.0); None for latents."""
+        return getattr(self.first_stage, "clip_x0", None)
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str] | str, negative_prompt: str | Sequence[str] | None = None,

@@ -98,15 +98,12 @@ def load_first_stage(spec, trust: bool = False) -> tuple[nn.Module, float]:
         except FileNotFoundError as e:
             raise FileNotFoundError(f"model.first_stage: {e}") from e
     spec = _container(spec)
-    if isinstance(spec, Mapping) and spec.get("type") == "PixelSpace":
-        from ldm.nn.autoencoder import PixelSpace
+    if isinstance(spec, Mapping) and ("ddconfig" in spec or spec.get("type") == "PixelSpace"):
+        from ldm.nn.autoencoder import first_stage_from_config
 
-        return PixelSpace(spec.get("channels", 1)), 1.0
-    if isinstance(spec, Mapping) and "ddconfig" in spec:
-        from ldm.nn.autoencoder import AutoencoderKLNet
-
-        log.info("first stage built from its architecture only: its weights come from a checkpoint")
-        return AutoencoderKLNet(spec["ddconfig"], spec["embed_dim"]), float(spec.get("scale_factor", 1.0))
+        if "ddconfig" in spec:
+            log.info("first stage built from its architecture only: its weights come from a checkpoint")
+        return first_stage_from_config(spec), float(spec.get("scale_factor", 1.0))
     raise TypeError("first_stage must be a path to an exported autoencoder / AutoencoderKL checkpoint, a "
                     "module, an architecture dict with ddconfig and embed_dim, or {type: PixelSpace, channels: C}; "
                     f"got {type(spec).__name__}")
@@ -155,12 +152,9 @@ def first_stage_config(first_stage: nn.Module, scale_factor: float) -> dict | No
 
 
 def image_channels(first_stage: nn.Module) -> int | None:
-    """Input channels of the autoencoder, from its config (None when it does not say)."""
-    cfg = getattr(first_stage, "config", None)
-    if isinstance(cfg, Mapping) and cfg.get("type") == "PixelSpace":
-        return int(cfg["channels"])
-    dd = cfg.get("ddconfig") if isinstance(cfg, Mapping) else None
-    return int(dd["in_channels"]) if isinstance(dd, Mapping) and "in_channels" in dd else None
+    """Input channels of the first stage (None when it does not say)."""
+    c = getattr(first_stage, "image_channels", None)
+    return int(c) if c is not None else None
 
 
 def check_image_channels(x: torch.Tensor, first_stage: nn.Module, source) -> None:

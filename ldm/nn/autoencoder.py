@@ -217,6 +217,7 @@ class AutoencoderKLNet(nn.Module):
         self.quant_conv = nn.Conv2d(2 * z, 2 * embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z, 1)
         self.embed_dim = int(embed_dim)
+        self.image_channels = ddconfig.get("in_channels")  # None when the config leaves it to the default
         self.downsample_factor = 2 ** (len(ddconfig.get("ch_mult", (1, 2, 4, 4))) - 1)
 
     def encode(self, x: Tensor) -> DiagonalGaussian:
@@ -251,10 +252,11 @@ class PixelSpace(nn.Module):
 
     downsample_factor = 1
     scale_factor = 1.0
+    clip_x0 = 1.0  # the data range: samplers clip the predicted x0 to [-1, 1] (DDPM's clip_denoised)
 
     def __init__(self, channels: int = 1):
         super().__init__()
-        self.embed_dim = int(channels)
+        self.embed_dim = self.image_channels = int(channels)
         self.config = {"type": "PixelSpace", "channels": self.embed_dim, "embed_dim": self.embed_dim}
 
     def encode(self, x: Tensor) -> PointMass:
@@ -264,8 +266,11 @@ class PixelSpace(nn.Module):
         return z
 
 
-def is_pixel_space(spec) -> bool:
-    return isinstance(spec, Mapping) and spec.get("type") == "PixelSpace"
+def first_stage_from_config(config: Mapping) -> nn.Module:
+    """The first stage a config describes, untrained: {type: PixelSpace, channels} or {ddconfig, embed_dim}."""
+    if config.get("type") == "PixelSpace":
+        return PixelSpace(config.get("channels", 1))
+    return AutoencoderKLNet(config["ddconfig"], config["embed_dim"])
 
 
 @torch.no_grad()
@@ -292,25 +297,24 @@ def scale_factor_from_moments(stats: Tensor) -> float:
     return float(1.0 / var.sqrt())
 
 
-def save_pretrained(net: AutoencoderKLNet, directory: str | Path, scale_factor: float) -> Path:
+def save_pretrained(net: AutoencoderKLNet | PixelSpace, directory: str | Path, scale_factor: float) -> Path:
     """Write `model.safetensors` and `config.json` (architecture + latent scale factor)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if not isinstance(net, PixelSpace):
+    if isinstance(net, PixelSpace):  # no weights, and pixels are not rescaled: the config says everything
+        config = {**net.config, "scale_factor": 1.0}
+    else:
         save_file({k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()},
                   str(directory / "model.safetensors"))
-    if isinstance(net, PixelSpace):  # no weights: the config says everything
-        (directory / "config.json").write_text(json.dumps({**net.config, "scale_factor": 1.0}, indent=2))
-        return directory
-    config = {"type": "AutoencoderKL", **net.config, "scale_factor": float(scale_factor)}
+        config = {"type": "AutoencoderKL", **net.config, "scale_factor": float(scale_factor)}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
 
 
 def load_pretrained(path: str | Path, *, trust: bool = False,
-                    ema: bool = True) -> tuple[AutoencoderKLNet, float]:
+                    ema: bool = True) -> tuple[AutoencoderKLNet | PixelSpace, float]:
     """(net in eval mode, scale_factor) from an exported folder or an AutoencoderKL Lightning checkpoint
     (its EMA weights when it has them and `ema`)."""
     from ldm.checkpoint import CheckpointError, load_file, load_weights_into
@@ -324,10 +328,9 @@ def load_pretrained(path: str | Path, *, trust: bool = False,
         if not cfg_file.is_file():
             raise CheckpointError(f"{path} has no config.json (expected an exported autoencoder folder)")
         config = json.loads(cfg_file.read_text())
-        if is_pixel_space(config):
-            return PixelSpace(config.get("channels", 1)), 1.0
-        net = AutoencoderKLNet(config["ddconfig"], config["embed_dim"])
-        load_weights_into(net, load_file(path / "model.safetensors"), source=str(path))
+        net = first_stage_from_config(config)
+        if not isinstance(net, PixelSpace):
+            load_weights_into(net, load_file(path / "model.safetensors"), source=str(path))
         return net.eval(), float(config.get("scale_factor", 1.0))
     ckpt = load_file(path, trust=trust)
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, Mapping) else {}
