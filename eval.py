@@ -2,6 +2,8 @@
 
     python eval.py ckpt=<path> n=100 samplers=[ddim,dpmpp_2m] steps=[10,20,50] guidance=[6] out=<dir>
     python eval.py baseline_only=true out=<dir>      # real-vs-real baseline only
+    python eval.py ckpt=<path> guidance=[1,1.5,2,3,4.5,6,9] samplers=[dpmpp_2m] steps=[20] autoencoder=ckpt
+        # the guidance trade-off (fid_vs_adherence.png) and the floor of the checkpoint's own autoencoder
 
 The feature space is the Fashion-MNIST classifier's (metrics.features=classifier, offline) or Inception's from
 local weights (metrics.features=inception metrics.inception_weights=<file>). See docs/metrics.md.
@@ -25,6 +27,9 @@ runtime.register_resolvers()
 def check(cfg: DictConfig) -> None:
     if not cfg.baseline_only and not cfg.ckpt:
         raise ValueError("give ckpt=<run>/checkpoints/last.ckpt (or baseline_only=true)")
+    if cfg.autoencoder == "ckpt" and not cfg.ckpt:
+        raise ValueError("autoencoder=ckpt scores the checkpoint's own first stage: give ckpt=<path> too, or "
+                         "autoencoder=<exported autoencoder folder or .ckpt>")
 
 
 def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
@@ -32,7 +37,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
     check(cfg)
     from ldm.metrics import evaluate as ev
     from ldm.metrics.classifier import load_classifier, load_or_train_classifier
-    from ldm.metrics.plot import plot_metric_vs_steps
+    from ldm.metrics.plot import plot_fid_vs_adherence, plot_metric_vs_steps
 
     pipe = None
     if not cfg.baseline_only:
@@ -53,6 +58,15 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
         rows.append(ev.real_baseline(quality, base, base_labels, clf))
         print(f"real baseline: {cfg.baseline_n} training images vs the {cfg.real.split} split "
               f"({len(real)}): FID {rows[0]['fid']:.3f}, KID {rows[0]['kid']:.4f}", flush=True)
+    if cfg.autoencoder:
+        from ldm.nn.autoencoder import load_pretrained
+
+        net = (pipe.model.first_stage if cfg.autoencoder == "ckpt"
+               else load_pretrained(cfg.autoencoder, trust=cfg.trust_checkpoint)[0])
+        images, labels = ev.real_images("train", cfg.baseline_n, size, cfg.real.root, seed=cfg.seed)
+        rows.append(ev.reconstruction_row(net, quality, images, labels, clf))
+        print(f"autoencoder floor: its reconstructions of {cfg.baseline_n} training images: FID {rows[-1]['fid']:.3f}, "
+              f"PSNR {rows[-1]['psnr_db']:.2f} dB", flush=True)
     if pipe is not None:
         from ldm.metrics.quality import clip_score
 
@@ -73,6 +87,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
         for metric in ("fid", "kid", "adherence"):
             plot_metric_vs_steps(sampled, out / f"{metric}_vs_steps.png", metric,
                                  title=f"{metric} vs steps ({cfg.n} per prompt, {m.features} features)")
+        if len(cfg.guidance) > 1 and m.classifier:
+            plot_fid_vs_adherence(rows, out / "fid_vs_adherence.png",
+                                  title=f"FID vs adherence over guidance ({cfg.n} per prompt, {m.features} features)")
     print(f"wrote {out / 'eval.csv'} and the plots in {out}")
     return rows
 

@@ -93,23 +93,17 @@ def train_ldm(f: int, a, out: Path, first_stage: Path | None) -> tuple[Path, flo
 
 
 def autoencoder_ceiling(first_stage: Path | None, a, quality, clf) -> dict:
-    """What the first stage alone allows: test-split PSNR (dB, mean per image) of its reconstructions (posterior
-    mode) on --psnr-n images, and the domain FID / adherence of those reconstructions scored like samples (the
-    floor no latent model on it can beat)."""
+    """What the first stage alone allows (evaluate.reconstruction_row on --psnr-n training images): PSNR and the
+    domain FID of its reconstructions, the floor no latent model on it can beat."""
     if first_stage is None:
         return {"ae_psnr_db": None, "ae_rec_fid": None}
-    import torch
-
-    from ldm.editing_pipeline import psnr
     from ldm.metrics import evaluate as ev
     from ldm.nn.autoencoder import load_pretrained
 
     net, _ = load_pretrained(first_stage)
     x, labels = ev.real_images("train", a.psnr_n, 32, a.data_root, seed=a.seed)  # not the FID reference split
-    with torch.no_grad():
-        rec = torch.cat([net.decode(net.encode(b).mode()).clamp(-1, 1) for b in x.split(250)])
-    scored = ev.score(quality, rec, labels, clf, seed=a.seed)
-    return {"ae_psnr_db": statistics.mean(psnr(r, o) for r, o in zip(rec, x, strict=True)), "ae_rec_fid": scored["fid"]}
+    row = ev.reconstruction_row(net, quality, x, labels, clf, seed=a.seed)
+    return {"ae_psnr_db": row["psnr_db"], "ae_rec_fid": row["fid"]}
 
 
 def train_throughput(model, batch: int, steps: int, reps: int) -> float:

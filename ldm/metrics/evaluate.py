@@ -16,7 +16,7 @@ from ldm.metrics.classifier import dataset_tensors, prompt_adherence
 from ldm.metrics.quality import SampleMetrics, build_extractors
 
 COLUMNS = ["sampler", "steps", "guidance", "n", "fid", "kid", "kid_std", "is", "adherence", "clip_score",
-           "sampling_s", "images_per_s"]
+           "sampling_s", "images_per_s", "psnr_db"]
 
 
 def class_prompts(template: str = "a photo of a {}", classes: Sequence[int] | None = None
@@ -67,6 +67,22 @@ def real_baseline(quality: SampleMetrics, images: Tensor, labels: Tensor, classi
     """The figures real images get against the reference set: the floor a generator is compared with."""
     row = score(quality, images, labels, classifier)
     return {"sampler": "real (train split)", "steps": 0, "guidance": 0.0, **row}
+
+
+def reconstruction_row(autoencoder: nn.Module, quality: SampleMetrics, images: Tensor, labels: Tensor,
+                       classifier: nn.Module | None, batch_size: int = 250, seed: int = 0) -> dict:
+    """What a first stage alone allows: its reconstructions (posterior mode, decoded) of real `images` scored like
+    samples (FID/KID against the quality object's reference, adherence to the images' labels) and their mean
+    per-image PSNR. No latent model on this autoencoder can beat these figures. Give images from another split
+    than the reference (as for the real-vs-real baseline): reconstructions of the reference itself score too low."""
+    from ldm.editing_pipeline import psnr
+
+    with torch.no_grad():
+        rec = torch.cat([autoencoder.decode(autoencoder.encode(b).mode()).clamp(-1, 1)
+                         for b in images.split(batch_size)])
+    row = score(quality, rec, labels, classifier, seed=seed)
+    row["psnr_db"] = sum(psnr(r, x) for r, x in zip(rec, images, strict=True)) / len(images)
+    return {"sampler": "autoencoder reconstructions", "steps": 0, "guidance": 0.0, **row}
 
 
 def sample_grid(generate: Callable[..., Tensor], quality: SampleMetrics, classifier: nn.Module | None,

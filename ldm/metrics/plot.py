@@ -39,6 +39,27 @@ def plot_metric_vs_steps(rows: Sequence[dict], path: str | Path, metric: str = "
                      log_x=True, size=size)
 
 
+def plot_fid_vs_adherence(rows: Sequence[dict], path: str | Path, title: str | None = None,
+                          size: tuple[int, int] = (640, 420)) -> Path:
+    """The guidance trade-off: FID against prompt adherence, one line per (sampler, steps) through its guidance
+    scales in order (points labelled g=…), plus single points for the reference rows (real images, autoencoder
+    reconstructions: steps 0)."""
+    series: dict[str, list[tuple]] = {}
+    for r in sorted(rows, key=lambda r: float(r["guidance"])):
+        if r.get("fid") in (None, "") or r.get("adherence") in (None, ""):
+            continue
+        point = (100 * float(r["adherence"]), float(r["fid"]))
+        if int(r["steps"]) <= 0:
+            series[str(r["sampler"])] = [point]
+        else:
+            series.setdefault(f"{r['sampler']} {int(r['steps'])} steps", []).append(
+                (*point, f"g={float(r['guidance']):g}"))
+    if not any(len(pts) > 1 for pts in series.values()):
+        raise ValueError("no (sampler, steps) with two or more guidance scales to plot")
+    return line_plot(series, path, x_label="prompt adherence (%)", sort_x=False, size=size,
+                     title=title or "FID vs prompt adherence over guidance")
+
+
 def line_plot(series: dict[str, list[tuple]], path: str | Path, *, x_label: str, title: str, log_x: bool = False,
               sort_x: bool = True, size: tuple[int, int] = (640, 420)) -> Path:
     """One line per series of (x, y) or (x, y, point label) points; x ticks at the points' x values when they are

@@ -91,12 +91,25 @@ def _heads(ch: int, num_heads: int, num_head_channels: int) -> tuple[int, int]:
     return num_heads, ch // num_heads
 
 
+def masked_mean(context: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, L, D) context, (B, L) bool mask (True = keep) or None → (B, D) mean over the kept tokens."""
+    if mask is None:
+        return context.mean(1)
+    w = mask.to(context.dtype)[..., None]
+    return (context * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
 class UNetModel(nn.Module):
     """Timestep- (and optionally class-) conditioned U-Net with cross-attention to a context sequence.
 
     attention_resolutions are downsample factors (SD: [4, 2, 1]); give num_heads or num_head_channels.
     forward(x (B, in, H, W), timesteps (B,) int/float, context (B, L, context_dim), context_mask (B, L) bool
     (True = keep), y (B,) labels or (B, adm_in_channels)) -> (B, out, H, W).
+
+    pooled_context=True also adds the context's masked mean, through an MLP (`context_emb`), to the time
+    embedding, as SDXL adds its pooled text embedding: every ResBlock then sees the caption, not only the
+    cross-attention layers (for MiniLM the masked mean is the sentence embedding). It follows the context given,
+    so caption dropout and both branches of classifier-free guidance need nothing else.
 
     channels_last (default): conv weights and feature maps are kept in NHWC memory order inside the network
     (faster convolutions and GroupNorm on CPU and GPU, and the transformer's token matrix is a free view); the
@@ -109,7 +122,8 @@ class UNetModel(nn.Module):
                  context_dim: int | None = None, use_linear_in_transformer: bool = False, dropout: float = 0.0,
                  num_classes: int | str | None = None, adm_in_channels: int | None = None,
                  use_checkpoint: bool = False, use_scale_shift_norm: bool = False, conv_resample: bool = True,
-                 norm_num_groups: int = 32, image_size: int | None = None, channels_last: bool = True):
+                 norm_num_groups: int = 32, image_size: int | None = None, channels_last: bool = True,
+                 pooled_context: bool = False):
         super().__init__()
         if num_heads == -1 and num_head_channels == -1:
             raise ValueError("set num_heads or num_head_channels (the other stays -1)")
@@ -131,6 +145,11 @@ class UNetModel(nn.Module):
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = label_embedding(num_classes, emb_dim, adm_in_channels)
+        if pooled_context and not context_dim:
+            raise ValueError("pooled_context=True needs a context (context_dim)")
+        self.pooled_context = bool(pooled_context)
+        self.context_emb = (nn.Sequential(nn.Linear(context_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+                            if pooled_context else None)
 
         def res(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, emb_dim, dropout, ch_out, use_scale_shift_norm, use_checkpoint, norm_num_groups)
@@ -182,6 +201,8 @@ class UNetModel(nn.Module):
             emb = emb + self.label_emb(self._check_y(b, y, emb.dtype))
         elif y is not None:
             raise ValueError("y given but this U-Net has no class embedding (num_classes=None)")
+        if self.context_emb is not None:
+            emb = emb + self.context_emb(masked_mean(context, context_mask).to(emb.dtype))
         h, skips = (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), []
         for block in self.input_blocks:
             h = block(h, emb, context, mask)

@@ -100,3 +100,57 @@ def test_sample_grid_table_and_plot(tmp_path):
     assert len(set(image.getdata())) > 4  # axes, grid, four coloured lines (sampler × guidance)
     with pytest.raises(ValueError, match="no rows"):
         plot_metric_vs_steps([], tmp_path / "empty.png")
+
+
+def test_eval_guidance_sweep_plots_the_trade_off_and_scores_the_autoencoder(tiny, capsys):
+    out = tiny / "sweep"
+    overrides = [f"ckpt={tiny / 'export'}", "n=2", "samplers=[ddim]", "steps=[2]", "guidance=[1.0,3.0,6.0]",
+                 "autoencoder=ckpt", f"metrics.classifier={tiny / 'clf.safetensors'}",
+                 "metrics.train_classifier_if_missing=false", "metrics.kid_subset_size=10", "real.n=40",
+                 "baseline_n=30", "batch_size=20", "device=cpu", f"out={out}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=overrides)
+    load_eval_script().evaluate_checkpoint(cfg)
+    assert "autoencoder floor: its reconstructions of 30 training images" in capsys.readouterr().out
+    rows = read_csv(out / "eval.csv")
+    assert [(r["sampler"], r["guidance"]) for r in rows] == [
+        ("real (train split)", "0.0"), ("autoencoder reconstructions", "0.0"), ("ddim", "1.0"), ("ddim", "3.0"),
+        ("ddim", "6.0")]
+    assert float(rows[1]["psnr_db"]) > 0 and rows[1]["n"] == "30" and rows[2]["psnr_db"] == ""
+    image = Image.open(out / "fid_vs_adherence.png").convert("RGB")
+    assert image.size == (640, 420) and len(set(image.getdata())) > 3
+
+
+def test_eval_autoencoder_from_the_checkpoint_needs_one(tmp_path):
+    proc = subprocess.run([sys.executable, "eval.py", "baseline_only=true", "autoencoder=ckpt", f"out={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "autoencoder=ckpt scores the checkpoint's own first stage" in proc.stderr
+
+
+def test_reconstruction_row_scores_the_decoded_images():
+    """An autoencoder that halves every pixel: its row is the score of x/2 and the PSNR of x/2 against x."""
+    from ldm.metrics.evaluate import reconstruction_row, score
+    from ldm.nn.autoencoder import PointMass
+
+    class Halve(torch.nn.Module):
+        def encode(self, x):
+            return PointMass(x)
+
+        def decode(self, z):
+            return z / 2
+
+    class Mean(torch.nn.Module):
+        num_features = 2
+
+        def forward(self, x):
+            return torch.stack([x.float().mean((1, 2, 3)), x.float().std((1, 2, 3))], 1)
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(30, 1, 4, 4, generator=g) * 2 - 1
+    quality = SampleMetrics(Mean(), kid_subset_size=8)
+    quality.add_real(torch.rand(40, 1, 4, 4, generator=g) * 2 - 1)
+    row = reconstruction_row(Halve(), quality, x, torch.zeros(30, dtype=torch.long), None, batch_size=7)
+    expected_psnr = sum(10 * torch.log10(4 / (xi / 2).pow(2).mean()).item() for xi in x) / len(x)
+    assert row["sampler"] == "autoencoder reconstructions" and row["n"] == 30
+    assert row["psnr_db"] == pytest.approx(expected_psnr, rel=1e-5)
+    assert row["fid"] == pytest.approx(score(quality, x / 2, torch.zeros(30), None)["fid"], rel=1e-5)

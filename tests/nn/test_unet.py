@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from ldm.convert.tables import unet_state_dict_from_diffusers
 from ldm.nn.embeddings import timestep_embedding
-from ldm.nn.unet import ResBlock, UNetModel
+from ldm.nn.unet import ResBlock, UNetModel, masked_mean
 
 CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "unet"
 TINY = dict(in_channels=4, out_channels=4, model_channels=16, channel_mult=[1, 2], num_res_blocks=1,
@@ -47,7 +47,8 @@ CASES = {
     "scale_shift_norm": ({"use_scale_shift_norm": True, "num_res_blocks": 2}, {}),
     "three_levels": ({"channel_mult": [1, 2, 2], "attention_resolutions": [4, 2, 1]}, {}),
     "no_context": ({"context_dim": None}, {"context": None}),
-    "first_mult_not_1": ({"channel_mult": [2, 4]}, {}),  # the output conv takes model_channels × channel_mult[0]
+    "first_mult_not_1": ({"channel_mult": [2, 4]}, {}),
+    "pooled_context": ({"pooled_context": True}, {}),  # the output conv takes model_channels × channel_mult[0]
 }
 
 
@@ -103,8 +104,43 @@ def test_context_mask_hides_padding_tokens():
                                    model(x, t, ctx), rtol=0, atol=1e-6)
 
 
+def test_masked_mean_averages_the_kept_tokens_only():
+    ctx = torch.arange(12.0).reshape(2, 3, 2)
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    torch.testing.assert_close(masked_mean(ctx, keep), torch.tensor([[1.0, 2.0], [6.0, 7.0]]))
+    torch.testing.assert_close(masked_mean(ctx, None), ctx.mean(1))
+
+
+def test_pooled_context_reaches_the_res_blocks():
+    """pooled_context=True adds the caption's masked mean (through context_emb) to the embedding every ResBlock
+    sees: padding tokens change nothing, another caption changes it; without it the embedding ignores the caption."""
+
+    def block_embedding(model, ctx, keep=None):
+        seen = []
+        block = next(m for m in model.modules() if isinstance(m, ResBlock))
+        handle = block.register_forward_pre_hook(lambda _, args: seen.append(args[1]))
+        with torch.no_grad():
+            model(x, t, ctx, context_mask=keep)
+        handle.remove()
+        return seen[0]
+
+    x, t, ctx = inputs()
+    keep = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    padded = torch.where(keep[..., None], ctx, torch.randn_like(ctx))
+    pooled = randomize(tiny(pooled_context=True)).eval()
+    emb = block_embedding(pooled, ctx, keep)
+    torch.testing.assert_close(block_embedding(pooled, padded, keep), emb, rtol=0, atol=1e-5)
+    assert (block_embedding(pooled, ctx + 1.0, keep) - emb).abs().max() > 1e-3
+    plain = randomize(tiny()).eval()
+    assert plain.context_emb is None
+    torch.testing.assert_close(block_embedding(plain, ctx), block_embedding(plain, ctx + 1.0), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="pooled_context=True needs a context"):
+        tiny(context_dim=None, pooled_context=True)
+
+
 def test_gradients_reach_every_parameter():
-    model = randomize(tiny(num_classes=10, attention_resolutions=[1, 2], transformer_depth=2, out_channels=8))
+    model = randomize(tiny(num_classes=10, attention_resolutions=[1, 2], transformer_depth=2, out_channels=8,
+                           pooled_context=True))
     x, t, ctx = inputs()
     (model(x, t, ctx, y=torch.tensor([1, 2])) ** 2).mean().backward()
     for name, p in model.named_parameters():
