@@ -23,25 +23,11 @@ from ldm.images import make_grid, save_grid
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.log_step import metrics_step
-from ldm.models.optim import CLIP_ALGORITHMS, adamw, clip_gradients
+from ldm.models.optim import CLIP_ALGORITHMS, LR_SCHEDULES, adamw, clip_gradients, lr_lambda
 from ldm.nn.autoencoder import AutoencoderKLNet, latent_moments, save_pretrained, scale_factor_from_moments
 from ldm.nn.discriminator import D_LOSSES, PatchDiscriminator
 
 log = logging.getLogger(__name__)
-
-
-def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0):
-    """Multiplier on the base LR per batch: linear warm-up, then constant, or cosine down to `min_ratio`."""
-
-    def f(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "cosine" and total > warmup:
-            p = min(1.0, (step - warmup) / max(1, total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-        return 1.0
-
-    return f
 
 
 class AutoencoderKL(pl.LightningModule):
@@ -88,8 +74,8 @@ class AutoencoderKL(pl.LightningModule):
             raise ValueError(f"disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
         if grad_clip_algorithm not in CLIP_ALGORITHMS:
             raise ValueError(f"grad_clip_algorithm must be one of {CLIP_ALGORITHMS}, got {grad_clip_algorithm!r}")
-        if lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}")
         self.automatic_optimization = False
         self.net = AutoencoderKLNet(ddconfig, embed_dim)
         self.ema = EMA(self.net, ema_decay) if ema_decay else None

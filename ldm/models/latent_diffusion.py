@@ -26,7 +26,7 @@ from ldm.models.conditioning import CONCAT_SOURCES, batch_conditions, drop_condi
 from ldm.models.ema import EMA
 from ldm.models.guards import NonFiniteGuard
 from ldm.models.latent_cache import LatentCache, build_latent_cache, load_or_build
-from ldm.models.optim import adamw, clip_gradients
+from ldm.models.optim import adamw, clip_gradients, lr_lambda
 from ldm.nn.text_encoder import pad_context
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,9 @@ class LatentDiffusion(pl.LightningModule):
         ema_warmup: bool = True,
         lr: float = 1e-4,
         warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+        lr_decay_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
         weight_decay: float = 0.0,
         betas: Sequence[float] = (0.9, 0.999),
         scale_factor: float | None = None,
@@ -88,6 +91,7 @@ class LatentDiffusion(pl.LightningModule):
             raise ValueError(f"variance_type must be one of {VARIANCE_TYPES} (got {variance_type!r}) and "
                              f"loss_type one of {LOSS_TYPES} (got {loss_type!r})")
         get_sampler(val_sampler)  # an unknown name fails now, not at the first validation
+        lr_lambda(lr_schedule, warmup_steps, 0)  # so does an unknown LR schedule
         self.schedule: NoiseSchedule = parts.build_schedule(schedule)
         check_prediction_type(self.schedule, prediction_type)
         self.unet: nn.Module = parts.build_unet(unet)
@@ -245,9 +249,10 @@ class LatentDiffusion(pl.LightningModule):
         hp = self.hparams
         params = [p for p in self.unet.parameters() if p.requires_grad]
         opt = adamw(params, lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
-        warmup = max(0, int(hp.warmup_steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+        # decay over lr_decay_steps, else over the run (trainer.max_steps); a run without max_steps stays constant
+        total = hp.lr_decay_steps or (self.trainer.max_steps if self._trainer is not None else 0)
+        f = lr_lambda(hp.lr_schedule, max(0, int(hp.warmup_steps)), max(0, int(total or 0)), hp.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_fit_start(self) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 
 import pytorch_lightning as pl
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 # 4 % of its training step.
 FUSED_ADAMW_DEVICES = ("cpu", "cuda")
 CLIP_ALGORITHMS = ("norm", "value")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def adamw(params: Iterable[nn.Parameter], **kwargs) -> torch.optim.AdamW:
@@ -20,6 +22,24 @@ def adamw(params: Iterable[nn.Parameter], **kwargs) -> torch.optim.AdamW:
     params = list(params)
     fused = bool(params) and all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
     return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+
+def lr_lambda(schedule: str, warmup: int, total: int, min_ratio: float = 0.0) -> Callable[[int], float]:
+    """Multiplier on the base LR per step: linear warm-up over `warmup` steps, then constant, or a cosine or
+    linear decay to `min_ratio` at step `total` (no decay when `total` is unknown, <= warmup)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant" or total <= warmup:
+            return 1.0
+        p = min(1.0, (step - warmup) / max(1, total - warmup))
+        shape = 0.5 * (1 + math.cos(math.pi * p)) if schedule == "cosine" else 1.0 - p
+        return min_ratio + (1 - min_ratio) * shape
+
+    return f
 
 
 def clip_gradients(module: pl.LightningModule, optimizer, value: float | None, algorithm: str = "norm") -> None:

@@ -111,6 +111,19 @@ def test_training_reduces_loss_frozen_parts_and_ema(tmp_path, text_encoder, ae_d
     assert max(diffs) > 1e-4
 
 
+def test_lr_decays_over_the_run_to_the_floor(tmp_path, text_encoder, ae_dir):
+    data = Items(8)
+    lrs = {}
+    for schedule in ("cosine", "linear"):
+        model = make_model(text_encoder, ae_dir, warmup_steps=2, lr_schedule=schedule, min_lr_ratio=0.1)
+        t = trainer(tmp_path, 12)
+        t.fit(model, DataLoader(data, batch_size=4, collate_fn=collate))
+        lrs[schedule] = t.optimizers[0].param_groups[0]["lr"]
+    assert lrs == {"cosine": pytest.approx(3e-4), "linear": pytest.approx(3e-4)}  # lr 3e-3 × min_lr_ratio at the end
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        make_model(text_encoder, ae_dir, lr_schedule="exponential")
+
+
 def test_condition_dropout_rate(text_encoder, ae_dir):
     g = torch.Generator().manual_seed(0)
     ctx, mask = torch.randn(20000, 3, 2), torch.ones(20000, 3, dtype=torch.bool)

@@ -4,7 +4,7 @@ import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
-from ldm.models.optim import adamw, clip_gradients
+from ldm.models.optim import adamw, clip_gradients, lr_lambda
 
 
 def _net(seed: int) -> nn.Module:
@@ -27,6 +27,17 @@ def test_adamw_is_fused_on_cpu_and_takes_the_same_steps_as_the_plain_one():
     assert min(moved) > 1e-3  # five steps of lr 1e-2 moved every tensor
     for a, b in zip(fused_net.parameters(), plain_net.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lr_lambda_warms_up_then_holds_or_decays_to_the_floor():
+    const, cos, lin = (lr_lambda(s, 4, 14, min_ratio=0.1) for s in ("constant", "cosine", "linear"))
+    assert [const(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0] == [cos(s) for s in range(4)]
+    assert const(13) == 1.0 and const(1000) == 1.0
+    assert cos(4) == pytest.approx(1.0) and cos(9) == pytest.approx(0.55) and cos(14) == pytest.approx(0.1)
+    assert lin(9) == pytest.approx(0.55) and lin(6) == pytest.approx(0.1 + 0.9 * 0.8) and lin(99) == pytest.approx(0.1)
+    assert lr_lambda("cosine", 4, 0)(100) == 1.0  # no known end: no decay
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_lambda("step", 0, 10)
 
 
 def test_adamw_is_not_fused_on_a_device_without_the_kernel():
