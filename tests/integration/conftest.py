@@ -24,6 +24,8 @@ TINY_AE = [
     "model.ddconfig.ch=8", "model.ddconfig.ch_mult=[1,1,1]", "model.ddconfig.norm_groups=4",
     "model.scale_factor_batches=2", "model.num_image_samples=4",
 ]
+# Its f=2 sibling for experiment=fmnist_autoencoder_f2, the first stage of fmnist_ldm (32×32×1 -> 16×16×2).
+TINY_AE_F2 = [o if not o.startswith("model.ddconfig.ch_mult=") else "model.ddconfig.ch_mult=[1,1]" for o in TINY_AE]
 TINY_UNET = [
     "model.unet.model_channels=16", "model.unet.channel_mult=[1]", "model.unet.num_res_blocks=1",
     "model.unet.attention_resolutions=[1]", "model.unet.num_head_channels=8",
@@ -57,19 +59,30 @@ def fmnist_root(tmp_path_factory) -> Path:
     return make_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
-@pytest.fixture(scope="session")
-def tiny_ae_export(tmp_path_factory) -> Path:
-    """An untrained TINY_AE autoencoder exported as `model.first_stage` for LDM runs (built here, not trained)."""
+def _tiny_export(directory: Path, experiment: str, overrides: list[str]) -> Path:
+    """An untrained tiny autoencoder of `experiment`, exported as `model.first_stage` (built here, not trained)."""
     import torch
     from hydra import compose, initialize_config_dir
 
     from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=fmnist_autoencoder", *TINY_AE])
+        cfg = compose("train", overrides=[f"experiment={experiment}", *overrides])
     torch.manual_seed(0)
     net = AutoencoderKLNet(cfg.model.ddconfig, cfg.model.embed_dim)
-    return save_pretrained(net, tmp_path_factory.mktemp("tiny_ae") / "export", scale_factor=1.0)
+    return save_pretrained(net, directory / "export", scale_factor=1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_ae_export(tmp_path_factory) -> Path:
+    """TINY_AE (f=4, 8×8×4 latents): the first stage of the editing experiments."""
+    return _tiny_export(tmp_path_factory.mktemp("tiny_ae"), "fmnist_autoencoder", TINY_AE)
+
+
+@pytest.fixture(scope="session")
+def tiny_ae_f2_export(tmp_path_factory) -> Path:
+    """TINY_AE_F2 (f=2, 16×16×2 latents): the first stage of experiment=fmnist_ldm."""
+    return _tiny_export(tmp_path_factory.mktemp("tiny_ae_f2"), "fmnist_autoencoder_f2", TINY_AE_F2)
 
 
 def data_overrides(root: Path, batch_size: int = 8, val_size: int = 32) -> list[str]:

@@ -138,7 +138,8 @@ def test_train_py_latent_diffusion_parts_that_do_not_fit(files, fmnist_root, tmp
         (["model.first_stage=/nonexistent/export"], ("model.first_stage:", "/nonexistent/export")),
         ([ae, "model.unet.in_channels=3"], ("the first stage's latents have 4 channels but the U-Net has "
                                             "in_channels=3: set model.unet.in_channels=4",)),
-        ([ae, "model.unet.context_dim=32"], ("384-d context but the U-Net has context_dim=32",
+        ([ae, "model.unet.in_channels=4", "model.unet.out_channels=4",
+          "model.unet.context_dim=32"], ("384-d context but the U-Net has context_dim=32",
                                              "set model.unet.context_dim=384")),
     ]
     results = run_many("train.py", [args(i, *a) for i, (a, _) in enumerate(cases)])

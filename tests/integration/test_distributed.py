@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from .conftest import QUICK, TINY_AE, TINY_UNET, data_overrides, run_torchrun_nodes, run_train
+from .conftest import QUICK, TINY_AE, TINY_AE_F2, TINY_UNET, data_overrides, run_torchrun_nodes, run_train
 
 pytestmark = pytest.mark.slow
 TIMEOUT = 240  # seconds per launch: a deadlock fails the test instead of hanging it
@@ -38,6 +38,8 @@ def experiment_args(name: str, fmnist_root: Path, first_stage: Path | None = Non
               *data_overrides(fmnist_root, batch_size=8)]
     if name == "fmnist_autoencoder":
         return [f"experiment={name}", *TINY_AE, *common]
+    if name == "fmnist_autoencoder_f2":  # fmnist_ldm's first stage
+        return [f"experiment={name}", *TINY_AE_F2, *common]
     return [f"experiment={name}", f"model.first_stage={first_stage}", "model.sample_every_n_steps=2",
             "model.val_steps=2", "model.val_images_per_prompt=1", "model.val_prompts=[a photo of a bag]",
             *TINY_UNET, *common]
@@ -60,7 +62,7 @@ def reference(fmnist_root, tmp_path_factory):
     def get(name: str) -> Path:
         if name not in runs:
             run = tmp_path_factory.mktemp(f"ref_{name}")
-            first_stage = get("fmnist_autoencoder") / "export" if name == "fmnist_ldm" else None
+            first_stage = get("fmnist_autoencoder_f2") / "export" if name == "fmnist_ldm" else None
             run_train([*experiment_args(name, fmnist_root, first_stage), f"hydra.run.dir={run}", RANK_WEIGHTS,
                        f"+callbacks.rank_weights.out_dir={run / 'weights'}"], timeout=TIMEOUT)
             runs[name] = run
@@ -100,7 +102,7 @@ def assert_rank0_outputs(run_dir: Path, name: str) -> None:
 @pytest.mark.parametrize("name", ["fmnist_autoencoder", "fmnist_ldm"])
 def test_ddp_sim_two_processes(name, fmnist_root, reference, tmp_path):
     ref = reference(name)
-    first_stage = reference("fmnist_autoencoder") / "export" if name == "fmnist_ldm" else None
+    first_stage = reference("fmnist_autoencoder_f2") / "export" if name == "fmnist_ldm" else None
     weights = tmp_path / "weights"
     # The default run folder (logs/<task>/runs/<time>): rank 1, started later by Lightning, must not make its own.
     run_train([*experiment_args(name, fmnist_root, first_stage), "trainer=ddp_sim", f"paths.log_dir={tmp_path}",
@@ -117,7 +119,7 @@ def test_ddp_sim_two_processes(name, fmnist_root, reference, tmp_path):
 @pytest.mark.parametrize("name", ["fmnist_autoencoder", "fmnist_ldm"])
 def test_torchrun_two_nodes(name, fmnist_root, reference, tmp_path):
     ref = reference(name)
-    first_stage = reference("fmnist_autoencoder") / "export" if name == "fmnist_ldm" else None
+    first_stage = reference("fmnist_autoencoder_f2") / "export" if name == "fmnist_ldm" else None
     weights, scratch = tmp_path / "weights", tmp_path / "tmp"
     scratch.mkdir()
     # Same command on both nodes, no shared run folder given: rank 0 makes the run folder, rank 1 gets a

@@ -1,7 +1,7 @@
 """Every `python train.py` / `python sample.py` / `python -m ldm.*` command of the README runs, in README order, as a
 user would type it from a fresh checkout: in an empty folder standing for the repository root (so `logs/...` and
 `outputs/demo/...` resolve there), with tiny models and generated data swapped in by overriding keys, never by
-editing the command. A later command reads what an earlier one wrote (`logs/fmnist_autoencoder/latest/export`).
+editing the command. A later command reads what an earlier one wrote (`logs/fmnist_autoencoder_f2/latest/export`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from .conftest import QUICK, ROOT, TINY_AE, TINY_UNET, make_fmnist
+from .conftest import QUICK, ROOT, TINY_AE, TINY_AE_F2, TINY_UNET, make_fmnist
 from .test_image_folder_train import make_folder
 
 pytestmark = pytest.mark.slow
@@ -74,7 +74,7 @@ def with_overrides(args: list[str], forced: dict[str, str]) -> list[str]:
 def train_overrides(args: list[str], i: int, data: dict[str, Path]) -> dict[str, str]:
     values = dict(a.split("=", 1) for a in args if "=" in a)
     experiment = values.get("experiment", "")
-    tiny = TINY_AE if experiment == "fmnist_autoencoder" else TINY_UNET
+    tiny = {"fmnist_autoencoder": TINY_AE, "fmnist_autoencoder_f2": TINY_AE_F2}.get(experiment, TINY_UNET)
     forced = dict(a.split("=", 1) for a in [*tiny, *QUICK])
     image_folder = values.get("data") == "image_folder"
     forced.update({"data.train.root": str(data["images" if image_folder else "fmnist"]), "data.batch_size": "8",
@@ -87,7 +87,7 @@ def train_overrides(args: list[str], i: int, data: dict[str, Path]) -> dict[str,
                        "data.train.val_fraction": "0.2", "model.val_prompts": "null", "trainer.max_steps": "2",
                        "trainer.val_check_interval": "2", "trainer.limit_val_batches": "1",
                        "trainer.accelerator": "cpu"})
-    if experiment == "fmnist_ldm":
+    if experiment in ("fmnist_ldm", "fmnist_ldm_long"):
         forced.update({"model.sample_every_n_steps": "2", "model.val_steps": "2", "model.val_images_per_prompt": "1",
                        "model.val_prompts": "[a photo of a bag]"})
     if "hydra.run.dir" not in values:  # one folder per command (the default is named to the second)

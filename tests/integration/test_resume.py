@@ -96,14 +96,15 @@ def test_autoencoder_sigkill_resume_is_bit_identical(fmnist_root: Path, tmp_path
 
 
 def tiny_autoencoder_export(directory: Path) -> Path:
-    """An untrained f=4 autoencoder export (the LDM only needs a frozen first stage), without a train.py run."""
+    """An untrained f=2 autoencoder export (16×16×2 latents, as fmnist_ldm's U-Net takes; the LDM only needs a
+    frozen first stage), without a train.py run."""
     from ldm.nn.autoencoder import AutoencoderKLNet, save_pretrained
 
     torch.manual_seed(0)
-    ddconfig = {"in_channels": 1, "out_ch": 1, "resolution": 32, "ch": 8, "ch_mult": [1, 1, 1], "num_res_blocks": 1,
-                "attn_resolutions": [], "mid_attn": False, "dropout": 0.0, "z_channels": 4, "double_z": True,
+    ddconfig = {"in_channels": 1, "out_ch": 1, "resolution": 32, "ch": 8, "ch_mult": [1, 1], "num_res_blocks": 1,
+                "attn_resolutions": [], "mid_attn": False, "dropout": 0.0, "z_channels": 2, "double_z": True,
                 "norm_groups": 4}
-    return save_pretrained(AutoencoderKLNet(ddconfig, 4), directory, scale_factor=0.9)
+    return save_pretrained(AutoencoderKLNet(ddconfig, 2), directory, scale_factor=0.9)
 
 
 LDM_STEPS = 10

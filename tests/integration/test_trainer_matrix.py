@@ -107,11 +107,11 @@ def global_step(ckpt: Path) -> int:
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("trainer", sorted(CPU_LAUNCHES))
-def test_trains_checkpoints_and_resumes(trainer, experiment, fmnist_root, tiny_ae_export, tmp_path):
+def test_trains_checkpoints_and_resumes(trainer, experiment, fmnist_root, tiny_ae_f2_export, tmp_path):
     spec = CPU_LAUNCHES[trainer]
     run_dir, weights = tmp_path / "run", tmp_path / "weights"
     first, resumed = STEPS[experiment]
-    args = [*experiment_args(experiment, fmnist_root, tiny_ae_export), f"trainer={trainer}", *spec.overrides,
+    args = [*experiment_args(experiment, fmnist_root, tiny_ae_f2_export), f"trainer={trainer}", *spec.overrides,
             f"hydra.run.dir={run_dir}"]
     launch(spec, [*args, f"trainer.max_steps={first}"])
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -138,8 +138,9 @@ def test_trains_checkpoints_and_resumes(trainer, experiment, fmnist_root, tiny_a
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("trainer", sorted(GPU_ONLY | {"gpu", "ddp"}))
-def test_gpu_configs_instantiate_up_to_the_trainer(trainer, experiment, fmnist_root, tiny_ae_export, tmp_path):
-    cfg = compose_train([*experiment_args(experiment, fmnist_root, tiny_ae_export), f"trainer={trainer}",
+def test_gpu_configs_instantiate_up_to_the_trainer(trainer, experiment, fmnist_root, tiny_ae_f2_export,
+                                                   tmp_path):
+    cfg = compose_train([*experiment_args(experiment, fmnist_root, tiny_ae_f2_export), f"trainer={trainer}",
                          "trainer.max_steps=2"], tmp_path)
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     instantiate(cfg.data)

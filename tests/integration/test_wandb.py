@@ -101,11 +101,11 @@ def ae_runs(fmnist_root: Path, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
-def ldm_run(ae_runs: dict, fmnist_root: Path, tmp_path_factory) -> Path:
+def ldm_run(tiny_ae_f2_export: Path, fmnist_root: Path, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wandb_ldm")
     # Lightning refuses log_model with offline=True; W&B's own offline mode (WANDB_MODE) records the artifacts
     # for a later `wandb sync`.
-    run_train(["experiment=fmnist_ldm", f"hydra.run.dir={tmp / 'run'}", f"model.first_stage={ae_runs['dir']}/export",
+    run_train(["experiment=fmnist_ldm", f"hydra.run.dir={tmp / 'run'}", f"model.first_stage={tiny_ae_f2_export}",
                "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
                "model.sample_every_n_steps=2", "model.val_steps=2", "model.val_images_per_prompt=2",
                f"model.val_prompts=[{','.join(PROMPTS)}]", "callbacks.model_checkpoint.every_n_train_steps=2",
