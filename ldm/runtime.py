@@ -105,9 +105,10 @@ def prepare_argv(argv: list[str] | None = None) -> list[str]:
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, task_dir: str | Path) -> str | None:
-    """`last` → this run folder's newest of checkpoints/last.ckpt and Lightning's hpc_ckpt_<n>.ckpt (written by its
-    SLURM SIGUSR1 handler before a requeue) if it has one (in-place resume, SLURM requeue), else the newest
-    last.ckpt among this task's runs, else None (fresh start, with a warning). Any other value must exist."""
+    """`last` → this run folder's newest checkpoint (checkpoints/last.ckpt, a step checkpoint, or Lightning's
+    hpc_ckpt_<n>.ckpt written by its SLURM SIGUSR1 handler before a requeue) if it has one (in-place resume, SLURM
+    requeue; a step checkpoint wins when a kill landed between its save and last.ckpt's), else the newest last.ckpt
+    among this task's runs, else None (fresh start, with a warning). Any other value must exist."""
     if ckpt_path in (None, ""):
         return None
     if ckpt_path != "last":
@@ -115,7 +116,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path, task_dir: s
             raise FileNotFoundError(f"ckpt_path={ckpt_path!r} does not exist")
         return str(ckpt_path)
     own = Path(output_dir) / "checkpoints" / "last.ckpt"
-    candidates = [p for p in (own, *Path(output_dir).glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    candidates = [p for p in (*own.parent.glob("*.ckpt"), *Path(output_dir).glob("hpc_ckpt_*.ckpt")) if p.is_file()]
     if candidates:
         return str(max(candidates, key=lambda p: p.stat().st_mtime))
     found = sorted(Path(task_dir).glob("runs/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)

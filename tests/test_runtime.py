@@ -20,6 +20,10 @@ def test_resolve_last_prefers_own_run_then_newest(tmp_path):
     (own / "checkpoints").mkdir(parents=True)
     (own / "checkpoints" / "last.ckpt").write_bytes(b"x")
     assert runtime.resolve_ckpt_path("last", own, task) == str(own / "checkpoints" / "last.ckpt")
+    # killed after a step checkpoint was saved and before last.ckpt was: the step checkpoint is the newest state
+    time.sleep(0.01)
+    (own / "checkpoints" / "step0000004.ckpt").write_bytes(b"x")
+    assert runtime.resolve_ckpt_path("last", own, task) == str(own / "checkpoints" / "step0000004.ckpt")
     with pytest.raises(FileNotFoundError):
         runtime.resolve_ckpt_path(str(tmp_path / "nope.ckpt"), own, task)
 
