@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -103,3 +105,32 @@ def test_ldm_f_tradeoff_smoke(tmp_path):
         assert (tmp_path / "f" / name).is_file()
     again = load("ldm_f_tradeoff").main(args)
     assert [r["train_wall_s"] for r in again["rows"]] == [r["train_wall_s"] for r in summary["rows"]]
+
+
+def test_fidelity_study_smoke(tmp_path, capsys):
+    """A variant run, another checkpoint of it and the demo recipe end to end on a tiny data set: two autoencoders
+    and two diffusion runs through train.py, scored by eval.py, tabulated with the floors; a second call reuses
+    every run and score."""
+    from tests.integration.conftest import make_fmnist
+
+    root = make_fmnist(tmp_path / "fmnist", n_train=96, n_test=32)
+    args = ["--smoke", "--data-root", str(root), "--out", str(tmp_path / "s"), "--guidance", "1,2"]
+    summary = load("fidelity_study").main(args)
+    rows = summary["rows"]
+    assert [(r["variant"], float(r["guidance"])) for r in rows] == [
+        (v, g) for v in ("old_recipe", "old_recipe_1300", "demo") for g in (1.0, 2.0)]
+    assert all(float(r["fid"]) >= 0 and 0 <= float(r["adherence"]) <= 1 for r in rows)
+    assert rows[0]["autoencoder"] == "f4_1500" and rows[-1]["autoencoder"] == "f2_1500"
+    assert rows[2]["train_s"] == rows[0]["train_s"]  # the half-way checkpoint is a scoring of the same run
+    floors = summary["floors"]
+    assert [f["what"] for f in floors] == ["real (training images)", "autoencoder f4_1500 reconstructions",
+                                           "autoencoder f2_1500 reconstructions"]
+    assert all(float(f["psnr_db"]) > 0 for f in floors[1:])
+    table = (tmp_path / "s" / "study.md").read_text()
+    assert "| old_recipe_1300 |" in table and "| g=1 | g=2 |" in table
+    for name in ("study.csv", "floors.csv", "summary.json", "fid_vs_adherence.png"):
+        assert (tmp_path / "s" / name).is_file()
+    capsys.readouterr()
+    again = load("fidelity_study").main(args)
+    assert again["rows"] == rows
+    assert "$ " not in capsys.readouterr().out  # nothing ran again

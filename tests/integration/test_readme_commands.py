@@ -29,6 +29,8 @@ NOT_RUN = {
                 "mode (every setting, FLOP count, MFU, the diffusers ratio)",
     "benchmarks/ldm_f_tradeoff.py": "an hour of training; tests/benchmarks/test_ldm_f_tradeoff_smoke runs the same "
                                     "script in --smoke mode on generated data and checks its table and plots",
+    "benchmarks/fidelity_study.py": "hours of training; tests/benchmarks/test_smoke.py::test_fidelity_study_smoke runs "
+                                    "the same script in --smoke mode on generated data and checks its table and plot",
 }
 # Options appended to the README's benchmark lines: tiny runs on the generated data (the figures need the real runs).
 BENCHMARK_SMOKE = {
