@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -88,8 +89,9 @@ VARIANTS = {
     "f2_small": Variant("f=2, 1.5 M U-Net (fmnist_f2_small), v + Min-SNR-γ = 5, constant LR", "f2_1500",
                         ["model.lr_schedule=constant"]),
     "f2_small_3000": Variant("… cosine LR, 3000 steps", "f2_1500", ["trainer.max_steps=3000"]),
-    "demo": Variant("the demo recipe: experiment=fmnist_ldm as shipped", "f2_1500"),
-    "demo_raw": Variant("… its raw weights (EMA off)", score_of="demo", eval_overrides=["use_ema=false"]),
+    "f2_small_3000_raw": Variant("… its raw weights (EMA off)", score_of="f2_small_3000",
+                                 eval_overrides=["use_ema=false"]),
+    "demo": Variant("the demo recipe: experiment=fmnist_ldm as shipped (`make demo`'s run, 2 threads)", "f2_1500"),
     "long": Variant("the longer recipe: experiment=fmnist_ldm_long as shipped", "f2_1500",
                     experiment="fmnist_ldm_long"),
 }
@@ -195,19 +197,23 @@ def best(rows: list[dict], min_adherence: float) -> dict | None:
     return min(ok, key=lambda r: float(r["fid"])) if ok else None
 
 
-def markdown(table: dict[str, list[dict]], base: list[dict], a) -> str:
+def markdown(table: dict[str, list[dict]], base: list[dict], a, seconds: dict[str, float]) -> str:
     guidance = sorted({float(r["guidance"]) for rows in table.values() for r in rows})  # every scale scored
-    head = ["variant", "what", f"best FID (adherence ≥ {a.min_adherence:.0%})"] + [f"g={g:g}" for g in guidance]
+    head = ["variant", "what", "train s", f"best FID (adherence ≥ {a.min_adherence:.0%})",
+            *(f"g={g:g}" for g in guidance)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in table.items():
         b = best(rows, a.min_adherence)
         cells = {float(r["guidance"]): f"{float(r['fid']):.2f} / {float(r['adherence']):.1%}" for r in rows}
-        lines.append("| " + " | ".join([name, VARIANTS[name].what,
-                                        f"**{float(b['fid']):.2f}** (g={float(b['guidance']):g})" if b else "–",
-                                        *[cells.get(g, "") for g in guidance]]) + " |")
+        run_s = seconds.get(VARIANTS[name].score_of or name)
+        lines.append("| " + " | ".join([
+            name, VARIANTS[name].what, f"{run_s:.0f}" if run_s and not math.isnan(run_s) else "–",
+            f"**{float(b['fid']):.2f}** (g={float(b['guidance']):g})" if b else "–",
+            *[cells.get(g, "") for g in guidance]]) + " |")
     lines += ["", "| reference | FID | adherence | PSNR (dB) |", "|---|---|---|---|"]
-    lines += [f"| {r['what']} | {float(r['fid']):.3f} | {float(r['adherence']):.1%} | {r.get('psnr_db') or '–'} |"
-              for r in base]
+    for r in base:
+        psnr = f"{float(r['psnr_db']):.1f}" if r.get("psnr_db") else "–"
+        lines.append(f"| {r['what']} | {float(r['fid']):.3f} | {float(r['adherence']):.1%} | {psnr} |")
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
                               title=f"domain FID vs prompt adherence over guidance ({a.n * 10} samples each)")
     if not a.smoke:  # the tiny smoke data set lacks classes
         real_grid(a, out / "real_grid.png")
-    text = markdown(table, base, a)
+    text = markdown(table, base, a, seconds)
     (out / "study.md").write_text(text)
     print(text)
     summary = {"rows": rows, "floors": base, "settings": vars(a)}
