@@ -129,8 +129,9 @@ def main() -> None:
         print(f"  {stage:<28} {sec:7.0f} s wall {cpu[stage]:7.0f} s CPU")
     print(f"  {'total':<28} {summary['total_s']:7.0f} s")
     print(f"  domain FID of {figures['n']} samples (DPM-Solver++ 2M, {STEPS} steps, guidance {GUIDANCE}): "
-          f"{figures['fid']:.3f} = {figures['fid_ratio']:.2f} × the real-vs-real baseline {figures['baseline_fid']:.3f} "
-          f"(target ≤ {FID_RATIO_TARGET:g} ×); the autoencoder alone: {figures['autoencoder_fid']:.3f}")
+          f"{figures['fid']:.3f} = {figures['fid_ratio']:.2f} × the real-vs-real baseline "
+          f"{figures['baseline_fid']:.3f} (target ≤ {FID_RATIO_TARGET:g} ×); the autoencoder alone: "
+          f"{figures['autoencoder_fid']:.3f}")
     print(f"  samples labelled as their prompted class: {figures['adherence']:.1%} (target ≥ {ADHERENCE_TARGET:.0%}; "
           f"real images: {figures['real_adherence']:.1%})")
     print(f"  both targets met: {'yes' if summary['meets_targets'] else 'NO'}")
