@@ -24,14 +24,13 @@ import csv
 import json
 import math
 import os
-import shlex
-import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from ldm_f_tradeoff import run, smoke_overrides  # noqa: E402  (the LDM-f benchmark's runner and smoke keys)
 
 # Autoencoders: name → (experiment, overrides).
 AUTOENCODERS = {
@@ -101,26 +100,10 @@ SMOKE = ["old_recipe", "old_recipe_1300", "demo"]  # --smoke's default: a run, a
 COLUMNS = ["variant", "what", "autoencoder", "guidance", "fid", "kid", "adherence", "train_s", "steps"]
 
 
-def run(args: list[str], log_file: Path) -> float:
-    """Run a command (printed) with its output in log_file; its wall time, or an error naming the log."""
-    print("$ " + " ".join(shlex.quote(a) for a in args), flush=True)
-    t0 = time.time()
-    with log_file.open("w") as f:
-        rc = subprocess.run(args, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT).returncode
-    if rc:
-        raise SystemExit(f"command failed (exit {rc}); see {log_file}")
-    return time.time() - t0
-
-
 def with_smoke(args: list[str], smoke: list[str]) -> list[str]:
     """args with --smoke's overrides: a key both set is taken from smoke (Hydra refuses a key given twice)."""
     keys = {o.split("=", 1)[0] for o in smoke}
     return [o for o in args if o.split("=", 1)[0] not in keys] + smoke
-
-
-def smoke_overrides() -> list[str]:
-    return ["data.train.val_size=32", "data.batch_size=8", "trainer.limit_val_batches=1", "callbacks=default",
-            "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
 def train_autoencoder(name: str, a, out: Path) -> Path:
