@@ -89,6 +89,7 @@ def _augment(x: Tensor, gen: torch.Generator) -> Tensor:
     return x[..., 2 + dy:2 + dy + s, 2 + dx:2 + dx + s]
 
 
+@torch.enable_grad()  # also when called from evaluation code under no_grad (the sample-quality callback)
 def train_classifier(train_set: Dataset, *, epochs: int = 5, batch_size: int = 128, lr: float = 3e-3,
                      seed: int = 0, max_seconds: float | None = None, **model_kw) -> SmallCNN:
     """Train `SmallCNN` with AdamW + one-cycle LR, label smoothing, flips and shifts."""

@@ -59,3 +59,14 @@ def test_stale_or_missing_weights_name_the_command_and_are_retrained(tmp_path, m
     assert C.load_or_train_classifier(old, 32, ROOT).config == model.config and trained == [32]  # reused
     C.load_or_train_classifier(old, 16, ROOT)  # other image size → retrained
     assert trained == [32, 16]
+
+
+def test_trains_under_no_grad():
+    """The sample-quality callback measures under torch.no_grad() and trains a missing classifier from there: the
+    training must still build a graph and move the weights (it crashed with "does not require grad")."""
+    data = torch.utils.data.Subset(FashionMNIST(root=ROOT, split="train", image_size=32), range(64))
+    torch.manual_seed(0)
+    before = C.SmallCNN(width=4).state_dict()
+    with torch.no_grad():
+        model = C.train_classifier(data, epochs=1, batch_size=32, width=4)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if v.is_floating_point())
