@@ -4,6 +4,8 @@
     python eval.py baseline_only=true out=<dir>      # real-vs-real baseline only
     python eval.py ckpt=<path> guidance=[1,1.5,2,3,4.5,6,9] samplers=[dpmpp_2m] steps=[20] autoencoder=ckpt
         # the guidance trade-off (fid_vs_adherence.png) and the floor of the checkpoint's own autoencoder
+    python eval.py ckpt=<run>/checkpoints/last.ckpt guide=<run>/checkpoints/step0001300.ckpt guide_scale=1 ...
+        # autoguidance by an earlier checkpoint of the run (docs/fidelity.md)
 
 The feature space is the Fashion-MNIST classifier's (metrics.features=classifier, offline) or Inception's from
 local weights (metrics.features=inception metrics.inception_weights=<file>). See docs/metrics.md.
@@ -27,6 +29,10 @@ runtime.register_resolvers()
 def check(cfg: DictConfig) -> None:
     if not cfg.baseline_only and not cfg.ckpt:
         raise ValueError("give ckpt=<run>/checkpoints/last.ckpt (or baseline_only=true)")
+    if cfg.guide and not cfg.ckpt:
+        raise ValueError("guide= (autoguidance) needs the checkpoint it guides: ckpt=<run>/checkpoints/last.ckpt")
+    if cfg.guide and not Path(cfg.guide).exists():
+        raise FileNotFoundError(f"guide={cfg.guide} does not exist: pass an earlier checkpoint of the same run")
     if cfg.autoencoder == "ckpt" and not cfg.ckpt:
         raise ValueError("autoencoder=ckpt scores the checkpoint's own first stage: give ckpt=<path> too, or "
                          "autoencoder=<exported autoencoder folder or .ckpt>")
@@ -45,6 +51,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
 
         pipe = LatentDiffusionPipeline.from_checkpoint(cfg.ckpt, device=cfg.device, trust=cfg.trust_checkpoint,
                                                        use_ema=cfg.use_ema)
+        if cfg.guide:
+            pipe.load_guide(cfg.guide, trust=cfg.trust_checkpoint)
     size = int(cfg.image_size or (pipe.image_size[0] if pipe else 32))
     m = cfg.metrics
     clf = (load_or_train_classifier(m.classifier, size, cfg.real.root) if m.train_classifier_if_missing
@@ -72,9 +80,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> list[dict]:
 
         prompts, labels = ev.class_prompts(cfg.prompt_template)
         clip = (lambda images, items: clip_score(images, items, m.clip_model)) if m.clip_model else None
-        rows += ev.sample_grid(ev.pipeline_generator(pipe, cfg.batch_size), quality, clf, prompts, labels, cfg.n,
-                               list(cfg.samplers), list(cfg.steps), list(cfg.guidance), seed=cfg.seed, clip=clip,
-                               on_row=lambda r: print(ev.format_table([r]).splitlines()[1], flush=True))
+        guide_scale = float(cfg.guide_scale) if cfg.guide else 0.0
+        sampled = ev.sample_grid(ev.pipeline_generator(pipe, cfg.batch_size, guide_scale), quality, clf, prompts,
+                                 labels, cfg.n, list(cfg.samplers), list(cfg.steps), list(cfg.guidance), seed=cfg.seed,
+                                 clip=clip, on_row=lambda r: print(ev.format_table([r]).splitlines()[1], flush=True))
+        rows += [{**r, "guide_scale": guide_scale or None} for r in sampled]
     out = Path(cfg.out)
     table = ev.format_table(rows)
     print(table)

@@ -56,6 +56,11 @@ def check_mode(cfg: DictConfig) -> None:
         raise ValueError("mode=inpaint needs mask=<image file> (white = repaint, black = keep)")
     if cfg.strength is not None and not 0.0 <= float(cfg.strength) <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {cfg.strength}")
+    if cfg.guide and cfg.mode != "txt2img":
+        raise ValueError(f"guide= (autoguidance) applies to mode=txt2img, not mode={cfg.mode}")
+    if cfg.guide and not Path(cfg.guide).exists():
+        raise FileNotFoundError(f"guide={cfg.guide} does not exist: pass an earlier checkpoint of the same run, "
+                                "e.g. <run>/checkpoints/step0001300.ckpt")
 
 
 def run_mode(pipe, cfg: DictConfig, prompts: list[str]) -> dict:
@@ -65,7 +70,10 @@ def run_mode(pipe, cfg: DictConfig, prompts: list[str]) -> dict:
                   progress=cfg.progress)
     batch = dict(n=cfg.n, batch_size=cfg.batch_size, precision=cfg.precision)
     if cfg.mode == "txt2img":
-        return pipe.text_to_image(prompts, height=cfg.height, width=cfg.width, **batch, **common)
+        if cfg.guide:
+            pipe.load_guide(cfg.guide, trust=cfg.trust_checkpoint)
+        return pipe.text_to_image(prompts, height=cfg.height, width=cfg.width, guide_scale=cfg.guide_scale if cfg.guide
+                                  else 0.0, **batch, **common)
     if cfg.mode == "img2img":
         strength = 0.6 if cfg.strength is None else cfg.strength
         return pipe.img2img(cfg.init_image, prompts, strength=strength, **batch, **common)

@@ -51,6 +51,37 @@ class LatentDiffusionPipeline:
         self.use_ema = use_ema and model.ema_unet is not None
         if use_ema and model.ema_unet is None:
             log.info("the checkpoint has no EMA weights: sampling with the raw U-Net")
+        self.guide: torch.nn.Module | None = None  # autoguidance's weaker U-Net (load_guide)
+        self.guide_checkpoint = ""
+
+    def load_guide(self, path: str | Path, trust: bool = False) -> LatentDiffusionPipeline:
+        """Load the U-Net that autoguidance (text_to_image's guide_scale) steers away from: an earlier checkpoint
+        of the same run (e.g. <run>/checkpoints/step0001300.ckpt of a 2600-step run), EMA weights if this pipeline
+        uses them. It must be the same kind of model: latent channels, noise schedule, prediction type and
+        caption width are checked."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"guide checkpoint {path} does not exist: pass an earlier checkpoint of the "
+                                    "same run, e.g. <run>/checkpoints/step0001300.ckpt")
+        guide = LatentDiffusion.load(path, trust=trust, map_location="cpu")
+        mine, theirs = self.model, guide
+        checks = {
+            "latent channels": (mine.latent_channels, theirs.latent_channels),
+            "prediction_type": (mine.hparams.prediction_type, theirs.hparams.prediction_type),
+            "variance_type": (mine.hparams.variance_type, theirs.hparams.variance_type),
+            "caption width (context_dim)": (getattr(mine.unet, "context_dim", None),
+                                            getattr(theirs.unet, "context_dim", None)),
+            "concat channels": (mine.concat_channels, theirs.concat_channels),
+        }
+        for what, (a, b) in checks.items():
+            if a != b:
+                raise ValueError(f"guide {path} does not match the model: {what} {b!r} vs {a!r}")
+        if not torch.allclose(mine.schedule.alphas_cumprod.cpu(), theirs.schedule.alphas_cumprod.cpu()):
+            raise ValueError(f"guide {path} does not match the model: another noise schedule")
+        net = theirs.ema_unet if self.use_ema and theirs.ema_unet is not None else theirs.unet
+        self.guide = net.eval().requires_grad_(False).to(self.device)
+        self.guide_checkpoint = str(path)
+        return self
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "auto", trust: bool = False,
@@ -108,11 +139,16 @@ class LatentDiffusionPipeline:
                       sampler: str = "ddim", sampler_options: Mapping | None = None, steps: int = 50,
                       guidance: float = 4.0, guidance_rescale: float = 0.0, seed: int = 0,
                       height: int | None = None, width: int | None = None, batch_size: int = 16,
-                      precision: str = "fp32", progress: bool = True, concat: torch.Tensor | None = None) -> dict:
+                      precision: str = "fp32", progress: bool = True, concat: torch.Tensor | None = None,
+                      guide_scale: float = 0.0) -> dict:
         """`n` images for each prompt → {"images": (N, C, H, W) in [-1, 1] on the CPU, "prompts", "seeds",
         "settings"}; height/width in pixels (multiples of the downsampling factor). `concat`: the condition of a
-        model with concat_channels (e.g. a segmentation map), one for all images or one per image."""
+        model with concat_channels (e.g. a segmentation map), one for all images or one per image.
+        guide_scale > 0: autoguidance by the U-Net of load_guide (docs/fidelity.md)."""
         prompts = self._check_prompts(prompts)
+        if guide_scale and self.guide is None:
+            raise ValueError(f"guide_scale={guide_scale} needs a guide: pipe.load_guide(<an earlier checkpoint of the "
+                             "run>) (sample.py / eval.py: guide_ckpt=<run>/checkpoints/step….ckpt)")
         for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
@@ -140,13 +176,16 @@ class LatentDiffusionPipeline:
                                            seed=batch_seeds[0], use_ema=self.use_ema, progress=progress,
                                            sampler_options=sampler_options, x_T=x_T,
                                            concat=concat if concat is None or len(concat) == 1
-                                           else concat[start:start + batch_size])
+                                           else concat[start:start + batch_size],
+                                           guide=self.guide, guide_scale=float(guide_scale))
             chunks.append(images.float().cpu())
         settings = {"sampler": sampler, "sampler_options": dict(sampler_options or {}), "steps": int(steps),
                     "guidance": float(guidance), "guidance_rescale": float(guidance_rescale),
                     "negative_prompt": negative_prompt or "", "height": h * self.model.downsample_factor,
                     "width": w * self.model.downsample_factor, "precision": precision,
                     "weights": "ema" if self.use_ema else "raw", "checkpoint": self.checkpoint, "n": int(n)}
+        if guide_scale:
+            settings.update(guide=self.guide_checkpoint, guide_scale=float(guide_scale))
         return {"images": torch.cat(chunks), "prompts": items, "seeds": seeds, "settings": settings}
 
     @staticmethod

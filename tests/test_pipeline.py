@@ -110,6 +110,34 @@ def run_sample(args: list[str]) -> subprocess.CompletedProcess:
                                                        "OMP_NUM_THREADS": "1"})
 
 
+def test_autoguidance_by_another_checkpoint_of_the_model(export_dir, tmp_path):
+    import shutil
+
+    pipe = LatentDiffusionPipeline.from_checkpoint(export_dir / "export", device="cpu")
+    kw = dict(n=2, sampler="dpmpp_2m", steps=3, guidance=3.0, seed=1, progress=False)
+    plain = pipe.text_to_image("a photo of a bag", **kw)
+    with pytest.raises(ValueError, match="needs a guide"):
+        pipe.text_to_image("a photo of a bag", guide_scale=1.0, **kw)
+    pipe.load_guide(export_dir / "export")  # the model itself as its guide: cond − guide(cond) = 0
+    same = pipe.text_to_image("a photo of a bag", guide_scale=2.0, **kw)
+    torch.testing.assert_close(same["images"], plain["images"], atol=1e-5, rtol=0)
+    pipe.load_guide(export_dir / "raw")  # other weights of the same model
+    guided = pipe.text_to_image("a photo of a bag", guide_scale=1.0, **kw)
+    assert (guided["images"] - plain["images"]).abs().max() > 1e-3
+    assert guided["settings"]["guide_scale"] == 1.0 and guided["settings"]["guide"] == str(export_dir / "raw")
+    assert "guide" not in plain["settings"]
+    other = tmp_path / "other"  # a model of another kind (prediction type) cannot guide this one
+    shutil.copytree(export_dir / "export", other)
+    cfg = json.loads((other / "config.json").read_text())
+    hp = cfg["hyper_parameters"]
+    hp["prediction_type"] = "v" if hp.get("prediction_type", "eps") != "v" else "eps"
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="prediction_type"):
+        pipe.load_guide(other)
+    with pytest.raises(FileNotFoundError, match="earlier checkpoint"):
+        pipe.load_guide(tmp_path / "missing.ckpt")
+
+
 def test_sample_py_end_to_end(export_dir, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of a bag\n\n  a dress  \n")
@@ -119,13 +147,21 @@ def test_sample_py_end_to_end(export_dir, tmp_path):
     meta = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert [e["prompt"] for e in meta["images"]] == ["a photo of a bag"] * 2 + ["a dress"] * 2
     assert (tmp_path / "out" / "grid.png").is_file() and len(list((tmp_path / "out").glob("0000*.png"))) == 4
+    proc = run_sample([f"ckpt={export_dir / 'export'}", "prompt=a photo of a bag", "n=2", "sampler=dpmpp_2m",
+                       "steps=3", "guidance=2", f"guide={export_dir / 'raw'}", "guide_scale=1.5",
+                       f"out={tmp_path / 'guided'}", "device=cpu"])  # autoguidance
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = json.loads((tmp_path / "guided" / "metadata.json").read_text())["settings"]
+    assert settings["guide_scale"] == 1.5 and settings["guide"] == str(export_dir / "raw")
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n \n")
     for args, message in [([f"prompts_file={empty}"], "holds no prompts"),
                           ([f"prompts_file={tmp_path / 'missing.txt'}"], "does not exist"),
                           (["prompt=a bag", "ckpt=/nonexistent/last.ckpt"], "does not exist"),
-                          (["prompt=a bag", "sampler=nope"], "sampler")]:
+                          (["prompt=a bag", "sampler=nope"], "sampler"),
+                          (["prompt=a bag", f"guide={tmp_path / 'none.ckpt'}"], "earlier checkpoint"),
+                          (["prompt=a bag", f"guide={export_dir / 'raw'}", "mode=interpolate"], "txt2img")]:
         args = [f"ckpt={export_dir / 'export'}", f"out={tmp_path / 'bad'}", *args]
         proc = run_sample(args)
         assert proc.returncode != 0 and message in proc.stderr + proc.stdout, (args, proc.stderr[-2000:])

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from ldm.metrics.classifier import dataset_tensors, prompt_adherence
 from ldm.metrics.quality import SampleMetrics, build_extractors
 
-COLUMNS = ["sampler", "steps", "guidance", "n", "fid", "kid", "kid_std", "is", "adherence", "clip_score",
+COLUMNS = ["sampler", "steps", "guidance", "guide_scale", "n", "fid", "kid", "kid_std", "is", "adherence", "clip_score",
            "sampling_s", "images_per_s", "psnr_db"]
 
 
@@ -114,11 +114,11 @@ def sample_grid(generate: Callable[..., Tensor], quality: SampleMetrics, classif
     return rows
 
 
-def pipeline_generator(pipe, batch_size: int = 250) -> Callable[..., Tensor]:
-    """`generate` for sample_grid from a LatentDiffusionPipeline."""
+def pipeline_generator(pipe, batch_size: int = 250, guide_scale: float = 0.0) -> Callable[..., Tensor]:
+    """`generate` for sample_grid from a LatentDiffusionPipeline (guide_scale > 0: autoguidance by its guide)."""
     def generate(prompts, n, sampler, steps, guidance, seed):
         return pipe.text_to_image(prompts, n=n, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
-                                  batch_size=batch_size, progress=False)["images"]
+                                  batch_size=batch_size, progress=False, guide_scale=guide_scale)["images"]
     return generate
 
 

@@ -312,23 +312,29 @@ class LatentDiffusion(pl.LightningModule):
     def make_denoiser(self, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                       guidance: float = 1.0, guidance_rescale: float = 0.0, use_ema: bool = True,
                       context: tuple[Tensor, Tensor] | None = None, concat: Tensor | None = None,
-                      y: Tensor | None = None) -> Denoiser:
+                      y: Tensor | None = None, guide: nn.Module | None = None, guide_scale: float = 0.0) -> Denoiser:
         """The U-Net (EMA by default) with prompts and classifier-free guidance folded in, as a Denoiser.
         `context` = (ctx, mask) stands in for the prompts' encoding (e.g. interpolated embeddings); `concat` is
         the concatenated condition (any resolution, resized to the latent grid), `y` the class-embedding input
-        (e.g. the upscaler's noise level); both are the same in the two CFG branches."""
+        (e.g. the upscaler's noise level); both are the same in the two CFG branches. `guide` (a U-Net of the same
+        model, e.g. an earlier checkpoint's) with guide_scale > 0 adds autoguidance (ldm.diffusion.guidance)."""
+        from ldm.diffusion.guidance import autoguided_fn, cfg_model_fn, check_guide
+
+        check_guide(guide, guide_scale)
         net = with_concat(self.ema_unet if use_ema and self.ema_unet is not None else self.unet, self.concat_channels)
+        guide_net = with_concat(guide, self.concat_channels) if guide is not None and guide_scale > 0 else None
         hp = self.hparams
         extra = {k: v.to(self.device) for k, v in (("concat", concat), ("y", y)) if v is not None}
         if self.text_encoder is None:
             model_fn: Callable = lambda x, t: net(x, t, **extra)
+            if guide_net is not None:
+                model_fn = autoguided_fn(model_fn, lambda x, t: guide_net(x, t, **extra), guide_scale,
+                                         self.learned_variance)
         else:
             ctx, mask = self.encode_text(prompts) if context is None else context
-            if guidance == 1.0:
+            if guidance == 1.0 and guide_net is None:
                 model_fn = lambda x, t: net(x, t, context=ctx, context_mask=mask, **extra)
             else:
-                from ldm.diffusion.guidance import cfg_model_fn
-
                 neg = negative_prompt if negative_prompt is not None else ""
                 negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
                 if len(negs) != len(prompts):
@@ -340,7 +346,9 @@ class LatentDiffusion(pl.LightningModule):
                 model_fn = cfg_model_fn(lambda x, t, **c: net(x, t, **c),
                                         {"context": ctx, "context_mask": mask, **extra},
                                         {"context": nctx, "context_mask": nmask, **extra}, guidance, guidance_rescale,
-                                        learned_variance=self.learned_variance)
+                                        learned_variance=self.learned_variance,
+                                        guide_fn=None if guide_net is None else lambda x, t, **c: guide_net(x, t, **c),
+                                        guide_scale=guide_scale)
         return Denoiser(model_fn, self.schedule, hp.prediction_type, hp.variance_type, clip_x0=self.clip_x0)
 
     @property
@@ -354,9 +362,11 @@ class LatentDiffusion(pl.LightningModule):
                seed: int = 0, height: int | None = None, width: int | None = None, use_ema: bool = True,
                progress: bool = False, sampler_options: Mapping | None = None, x_T: Tensor | None = None,
                callback: Callable[[dict], None] | None = None, return_latents: bool = False,
-               concat: Tensor | None = None, y: Tensor | None = None) -> Tensor:
+               concat: Tensor | None = None, y: Tensor | None = None, guide: nn.Module | None = None,
+               guide_scale: float = 0.0) -> Tensor:
         """One image per prompt, (B, C, H, W) in [-1, 1]. height/width are in latent pixels (default: the
-        training latent size). Same seed → same images (noise is drawn on the CPU, then moved)."""
+        training latent size). Same seed → same images (noise is drawn on the CPU, then moved). guide /
+        guide_scale: autoguidance by another U-Net of this model (see make_denoiser)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if self.text_encoder is None and guidance != 1.0:
             guidance = 1.0  # unconditional model: nothing to guide
@@ -370,7 +380,7 @@ class LatentDiffusion(pl.LightningModule):
         self.eval()
         try:
             denoiser = self.make_denoiser(prompts, negative_prompt, guidance, guidance_rescale, use_ema, concat=concat,
-                                          y=y)
+                                          y=y, guide=guide, guide_scale=guide_scale)
             z0 = get_sampler(sampler)(denoiser, x_T, steps, generator=gen, callback=callback,
                                       progress=progress, **dict(sampler_options or {}))
             return z0 if return_latents else self.decode_latents(z0).clamp(-1, 1)

@@ -1,10 +1,11 @@
-"""Classifier-free guidance: scale endpoints, one batched network call, guidance rescale, learned variance."""
+"""Classifier-free guidance: scale endpoints, one batched network call, guidance rescale, learned variance; and
+autoguidance by a weaker network (Karras et al. 2024)."""
 
 import pytest
 import torch
 
 from ldm.diffusion.denoiser import Denoiser
-from ldm.diffusion.guidance import cfg_model_fn
+from ldm.diffusion.guidance import autoguided_fn, cfg_model_fn
 from ldm.diffusion.samplers import SAMPLERS
 from ldm.diffusion.schedule import NoiseSchedule
 
@@ -103,3 +104,46 @@ def test_guided_model_runs_in_samplers(name):
     out = SAMPLERS[name](d, x, 4)
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert len(net.calls) == 4 and all(c[0] == 6 for c in net.calls)
+
+
+class Weaker(Net):
+    """A "bad version" of Net: the same function, damped."""
+
+    def __call__(self, x, t, context=None, y=None):
+        return 0.7 * super().__call__(x, t, context=context, y=y)
+
+
+def test_autoguidance_adds_scale_times_cond_minus_guide():
+    net, x, t, cond, uncond = setup()
+    guide = Weaker()
+    out = cfg_model_fn(net, cond, uncond, 3.0, guide_fn=guide, guide_scale=1.5)(x, t)
+    c, u, g = net(x, t, **cond), net(x, t, context=torch.zeros(3, 7, 8)), guide(x, t, **cond)
+    torch.testing.assert_close(out, u + 3.0 * (c - u) + 1.5 * (c - g))
+    assert guide.calls[0] == (3, (3,), (3, 7, 8))  # the guide sees the conditional branch only
+    # without CFG (scale 1): the conditional model plus the autoguidance term
+    one = cfg_model_fn(net, cond, uncond, 1.0, guide_fn=guide, guide_scale=2.0)(x, t)
+    torch.testing.assert_close(one, c + 2.0 * (c - g))
+    # scale 0 or a guide identical to the model: plain CFG
+    torch.testing.assert_close(cfg_model_fn(net, cond, uncond, 3.0, guide_fn=guide, guide_scale=0.0)(x, t),
+                               u + 3.0 * (c - u))
+    torch.testing.assert_close(cfg_model_fn(net, cond, uncond, 3.0, guide_fn=Net(), guide_scale=2.0)(x, t),
+                               u + 3.0 * (c - u))
+
+
+def test_autoguidance_with_learned_variance_guides_only_the_mean():
+    net, x, t, cond, uncond = setup(learned_variance=True)
+    guide = Weaker(learned_variance=True)
+    out = cfg_model_fn(net, cond, uncond, 2.0, learned_variance=True, guide_fn=guide, guide_scale=1.0)(x, t)
+    c, u, g = net(x, t, **cond), net(x, t, context=torch.zeros(3, 7, 8)), guide(x, t, **cond)
+    torch.testing.assert_close(out[:, :2], u[:, :2] + 2.0 * (c[:, :2] - u[:, :2]) + (c[:, :2] - g[:, :2]))
+    torch.testing.assert_close(out[:, 2:], c[:, 2:])
+    alone = autoguided_fn(lambda x, t: net(x, t, **cond), lambda x, t: guide(x, t, **cond), 0.5, True)(x, t)
+    torch.testing.assert_close(alone, torch.cat([c[:, :2] + 0.5 * (c[:, :2] - g[:, :2]), c[:, 2:]], dim=1))
+
+
+def test_autoguidance_needs_a_guide_and_a_nonnegative_scale():
+    net, x, t, cond, uncond = setup()
+    with pytest.raises(ValueError, match="needs a guide"):
+        cfg_model_fn(net, cond, uncond, 3.0, guide_scale=1.0)
+    with pytest.raises(ValueError, match="guide_scale must be >= 0"):
+        cfg_model_fn(net, cond, uncond, 3.0, guide_fn=Weaker(), guide_scale=-1.0)
