@@ -114,12 +114,17 @@ def prepared(argv: list[str], i: int, data: dict[str, Path]) -> tuple[str, list[
                 forced["sd.tokenizer"] = str(data["tokenizer"])
         if "device" in {key(a) for a in args}:
             forced["device"] = "cpu"  # the command's bf16 precision is kept (autocast on CPU)
+        if "guide" in {key(a) for a in args}:  # the 2-step stand-in run has no half-way checkpoint: its own guide
+            forced["guide"] = forced.get("ckpt", ckpt)
         return str(ROOT / script), with_overrides(args, forced)
     if script.startswith("benchmarks/"):  # argparse: the last occurrence of an option wins
         return str(ROOT / script), [*args, *BENCHMARK_SMOKE[script](data)]
     if script == "eval.py":  # a few tiny images per cell, the generated data as the real set
         forced = {"n": "1", "steps": "[2]", "samplers": "[ddim]", "real.root": str(data["fmnist"]), "real.n": "32",
                   "baseline_n": "32", "metrics.kid_subset_size": "8", "batch_size": "16"}
+        values = dict(a.split("=", 1) for a in args if "=" in a)
+        if "guide" in values:  # as for sample.py: the stand-in run guides itself
+            forced["guide"] = values["ckpt"]
         return str(ROOT / script), with_overrides(args, forced)
     if args[0] == "ldm.metrics.classifier":  # argparse: the last occurrence of an option wins
         return f"-m {args[0]}", [*args[1:], "--data-root", str(data["fmnist"]), "--epochs", "1",
