@@ -4,7 +4,7 @@
     python eval.py baseline_only=true out=<dir>      # real-vs-real baseline only
     python eval.py ckpt=<path> guidance=[1,1.5,2,3,4.5,6,9] samplers=[dpmpp_2m] steps=[20] autoencoder=ckpt
         # the guidance trade-off (fid_vs_adherence.png) and the floor of the checkpoint's own autoencoder
-    python eval.py ckpt=<run>/checkpoints/last.ckpt guide=<run>/checkpoints/step0001150.ckpt guide_scale=1 ...
+    python eval.py ckpt=<run>/checkpoints/last.ckpt guide=<run>/checkpoints/step0001050.ckpt guide_scale=1 ...
         # autoguidance by an earlier checkpoint of the run (docs/fidelity.md)
 
 The feature space is the Fashion-MNIST classifier's (metrics.features=classifier, offline) or Inception's from

@@ -60,7 +60,7 @@ def check_mode(cfg: DictConfig) -> None:
         raise ValueError(f"guide= (autoguidance) applies to mode=txt2img, not mode={cfg.mode}")
     if cfg.guide and not Path(cfg.guide).exists():
         raise FileNotFoundError(f"guide={cfg.guide} does not exist: pass an earlier checkpoint of the same run, "
-                                "e.g. <run>/checkpoints/step0001150.ckpt")
+                                "e.g. <run>/checkpoints/step0001050.ckpt")
 
 
 def run_mode(pipe, cfg: DictConfig, prompts: list[str]) -> dict:

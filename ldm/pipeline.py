@@ -56,13 +56,13 @@ class LatentDiffusionPipeline:
 
     def load_guide(self, path: str | Path, trust: bool = False) -> LatentDiffusionPipeline:
         """Load the U-Net that autoguidance (text_to_image's guide_scale) steers away from: an earlier checkpoint
-        of the same run (e.g. <run>/checkpoints/step0001150.ckpt of a 2600-step run), EMA weights if this pipeline
+        of the same run (e.g. <run>/checkpoints/step0001050.ckpt of a 2600-step run), EMA weights if this pipeline
         uses them. It must be the same kind of model: latent channels, noise schedule, prediction type and
         caption width are checked."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"guide checkpoint {path} does not exist: pass an earlier checkpoint of the "
-                                    "same run, e.g. <run>/checkpoints/step0001150.ckpt")
+                                    "same run, e.g. <run>/checkpoints/step0001050.ckpt")
         guide = LatentDiffusion.load(path, trust=trust, map_location="cpu")
         mine, theirs = self.model, guide
         checks = {

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = Path(os.environ.get("DEMO_DIR", ROOT / "outputs" / "demo"))
 PY = sys.executable
 # One sampler setting for the grid and the evaluation: DPM-Solver++ 2M, classifier-free guidance GUIDANCE plus
-# autoguidance GUIDE_SCALE by the run's own half-way checkpoint (GUIDE_STEP of fmnist_ldm's 2300; it keeps a checkpoint
-# every 1150 steps): the best FID with adherence ≥ 90 % in the fidelity study's sweeps (docs/fidelity.md).
-STEPS, GUIDANCE, GUIDE_SCALE, GUIDE_STEP = 10, 1.6, 1.25, 1150
+# autoguidance GUIDE_SCALE by the run's own half-way checkpoint (GUIDE_STEP of fmnist_ldm's 2100; it keeps a checkpoint
+# every 1050 steps): the best FID with adherence ≥ 90 % in the fidelity study's sweeps (docs/fidelity.md).
+STEPS, GUIDANCE, GUIDE_SCALE, GUIDE_STEP = 10, 1.6, 1.25, 1050
 # Both stages train their experiments exactly as configured: experiment=fmnist_autoencoder_f2 (1500 steps), then
 # experiment=fmnist_ldm on its export. The time split between them is the fidelity study's (docs/fidelity.md).
 CLASSIFIER = ROOT / "outputs" / "classifier" / "fmnist_classifier.safetensors"
