@@ -47,7 +47,7 @@ F4_V = ["model/unet=fmnist", *V_MIN_SNR, "model.lr_schedule=constant"]
 F2_UNET = ["model/unet=fmnist_f2", "model.unet.out_channels=2"]
 HALF = "step0001300.ckpt"
 # The study's training length for every experiment=fmnist_ldm variant (the demo recipe trained 2600 steps then; it
-# trains 2300 since autoguidance, docs/fidelity.md): a variant's own overrides still win.
+# trains 2100 since autoguidance, docs/fidelity.md): a variant's own overrides still win.
 STUDY_LENGTH = ["trainer.max_steps=2600", "trainer.val_check_interval=2600", "model.sample_every_n_steps=2600",
                 "callbacks.model_checkpoint.every_n_train_steps=1300"]
 
@@ -104,11 +104,11 @@ SMOKE = ["old_recipe", "old_recipe_1300", "demo"]  # --smoke's default: a run, a
 COLUMNS = ["variant", "what", "autoencoder", "guidance", "fid", "kid", "adherence", "train_s", "steps"]
 
 
-def with_smoke(args: list[str], smoke: list[str]) -> list[str]:
+def with_later(args: list[str], later: list[str]) -> list[str]:
     """args with later overrides (--smoke's, a variant's): a key both set is taken from the later ones (Hydra
     refuses a key given twice)."""
-    keys = {o.split("=", 1)[0] for o in smoke}
-    return [o for o in args if o.split("=", 1)[0] not in keys] + smoke
+    keys = {o.split("=", 1)[0] for o in later}
+    return [o for o in args if o.split("=", 1)[0] not in keys] + later
 
 
 def train_autoencoder(name: str, a, out: Path) -> Path:
@@ -119,7 +119,7 @@ def train_autoencoder(name: str, a, out: Path) -> Path:
     args = [sys.executable, "train.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}",
             f"data.train.root={a.data_root}", "trainer.enable_progress_bar=false", *overrides]
     if a.smoke:
-        args = with_smoke(args, [*smoke_overrides(), "trainer.max_steps=2", "trainer.val_check_interval=2",
+        args = with_later(args, [*smoke_overrides(), "trainer.max_steps=2", "trainer.val_check_interval=2",
                                  "callbacks.model_checkpoint.every_n_train_steps=2", "model.scale_factor_batches=2"])
     run(args, out / f"ae_{name}.log")
     return run_dir / "export"
@@ -134,9 +134,9 @@ def train_variant(name: str, v: Variant, a, out: Path, first_stage: Path) -> flo
     args = [sys.executable, "train.py", f"experiment={v.experiment}", f"hydra.run.dir={run_dir}", "callbacks=default",
             f"model.first_stage={first_stage}", f"data.train.root={a.data_root}", "trainer.enable_progress_bar=false",
             *(STUDY_LENGTH if v.experiment == "fmnist_ldm" else [])]
-    args = with_smoke(args, list(v.overrides))
+    args = with_later(args, list(v.overrides))
     if a.smoke:
-        args = with_smoke(args, [*smoke_overrides(), "trainer.max_steps=2",
+        args = with_later(args, [*smoke_overrides(), "trainer.max_steps=2",
                                  "trainer.val_check_interval=1", "callbacks.model_checkpoint.every_n_train_steps=1",
                                  "model.sample_every_n_steps=0"])
     seconds = round(run(args, out / f"{name}.log"), 1)

@@ -56,7 +56,7 @@ class LatentDiffusionPipeline:
 
     def load_guide(self, path: str | Path, trust: bool = False) -> LatentDiffusionPipeline:
         """Load the U-Net that autoguidance (text_to_image's guide_scale) steers away from: an earlier checkpoint
-        of the same run (e.g. <run>/checkpoints/step0001050.ckpt of a 2600-step run), EMA weights if this pipeline
+        of the same run (e.g. <run>/checkpoints/step0001050.ckpt of a 2100-step run), EMA weights if this pipeline
         uses them. It must be the same kind of model: latent channels, noise schedule, prediction type and
         caption width are checked."""
         path = Path(path)
@@ -148,7 +148,7 @@ class LatentDiffusionPipeline:
         prompts = self._check_prompts(prompts)
         if guide_scale and self.guide is None:
             raise ValueError(f"guide_scale={guide_scale} needs a guide: pipe.load_guide(<an earlier checkpoint of the "
-                             "run>) (sample.py / eval.py: guide_ckpt=<run>/checkpoints/step….ckpt)")
+                             "run>) (sample.py / eval.py: guide=<run>/checkpoints/step….ckpt)")
         for name, value in (("n", n), ("steps", steps), ("batch_size", batch_size)):
             if int(value) < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -118,12 +118,17 @@ def test_autoguidance_by_another_checkpoint_of_the_model(export_dir, tmp_path):
     plain = pipe.text_to_image("a photo of a bag", **kw)
     with pytest.raises(ValueError, match="needs a guide"):
         pipe.text_to_image("a photo of a bag", guide_scale=1.0, **kw)
+    no_cfg = {**kw, "guidance": 1.0}
+    plain_1 = pipe.text_to_image("a photo of a bag", **no_cfg)
     pipe.load_guide(export_dir / "export")  # the model itself as its guide: cond − guide(cond) = 0
-    same = pipe.text_to_image("a photo of a bag", guide_scale=2.0, **kw)
-    torch.testing.assert_close(same["images"], plain["images"], atol=1e-5, rtol=0)
+    for settings, reference in ((kw, plain), (no_cfg, plain_1)):  # with CFG, and without (guidance 1)
+        same = pipe.text_to_image("a photo of a bag", guide_scale=2.0, **settings)
+        torch.testing.assert_close(same["images"], reference["images"], atol=1e-5, rtol=0)
     pipe.load_guide(export_dir / "raw")  # other weights of the same model
     guided = pipe.text_to_image("a photo of a bag", guide_scale=1.0, **kw)
     assert (guided["images"] - plain["images"]).abs().max() > 1e-3
+    assert (pipe.text_to_image("a photo of a bag", guide_scale=1.0, **no_cfg)["images"]
+            - plain_1["images"]).abs().max() > 1e-3
     assert guided["settings"]["guide_scale"] == 1.0 and guided["settings"]["guide"] == str(export_dir / "raw")
     assert "guide" not in plain["settings"]
     other = tmp_path / "other"  # a model of another kind (prediction type) cannot guide this one

@@ -324,31 +324,27 @@ class LatentDiffusion(pl.LightningModule):
         net = with_concat(self.ema_unet if use_ema and self.ema_unet is not None else self.unet, self.concat_channels)
         guide_net = with_concat(guide, self.concat_channels) if guide is not None and guide_scale > 0 else None
         hp = self.hparams
-        extra = {k: v.to(self.device) for k, v in (("concat", concat), ("y", y)) if v is not None}
-        if self.text_encoder is None:
-            model_fn: Callable = lambda x, t: net(x, t, **extra)
+        cond = {k: v.to(self.device) for k, v in (("concat", concat), ("y", y)) if v is not None}
+        extra = dict(cond)  # the same in both CFG branches
+        if self.text_encoder is not None:
+            cond["context"], cond["context_mask"] = self.encode_text(prompts) if context is None else context
+        if self.text_encoder is None or guidance == 1.0:  # no CFG: one pass (two with a guide)
+            model_fn: Callable = lambda x, t: net(x, t, **cond)
             if guide_net is not None:
-                model_fn = autoguided_fn(model_fn, lambda x, t: guide_net(x, t, **extra), guide_scale,
+                model_fn = autoguided_fn(model_fn, lambda x, t: guide_net(x, t, **cond), guide_scale,
                                          self.learned_variance)
         else:
-            ctx, mask = self.encode_text(prompts) if context is None else context
-            if guidance == 1.0 and guide_net is None:
-                model_fn = lambda x, t: net(x, t, context=ctx, context_mask=mask, **extra)
-            else:
-                neg = negative_prompt if negative_prompt is not None else ""
-                negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
-                if len(negs) != len(prompts):
-                    raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
-                nctx, nmask = self.encode_text(negs)
-                length = max(ctx.shape[1], nctx.shape[1])
-                ctx, mask = pad_context(ctx, mask, length)
-                nctx, nmask = pad_context(nctx, nmask, length)
-                model_fn = cfg_model_fn(lambda x, t, **c: net(x, t, **c),
-                                        {"context": ctx, "context_mask": mask, **extra},
-                                        {"context": nctx, "context_mask": nmask, **extra}, guidance, guidance_rescale,
-                                        learned_variance=self.learned_variance,
-                                        guide_fn=None if guide_net is None else lambda x, t, **c: guide_net(x, t, **c),
-                                        guide_scale=guide_scale)
+            neg = negative_prompt if negative_prompt is not None else ""
+            negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
+            if len(negs) != len(prompts):
+                raise ValueError(f"{len(negs)} negative prompts for {len(prompts)} prompts")
+            nctx, nmask = self.encode_text(negs)
+            length = max(cond["context"].shape[1], nctx.shape[1])
+            cond["context"], cond["context_mask"] = pad_context(cond["context"], cond["context_mask"], length)
+            nctx, nmask = pad_context(nctx, nmask, length)
+            model_fn = cfg_model_fn(net, cond, {**extra, "context": nctx, "context_mask": nmask}, guidance,
+                                    guidance_rescale, learned_variance=self.learned_variance, guide_fn=guide_net,
+                                    guide_scale=guide_scale)
         return Denoiser(model_fn, self.schedule, hp.prediction_type, hp.variance_type, clip_x0=self.clip_x0)
 
     @property
