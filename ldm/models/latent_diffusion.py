@@ -318,7 +318,7 @@ class LatentDiffusion(pl.LightningModule):
         the concatenated condition (any resolution, resized to the latent grid), `y` the class-embedding input
         (e.g. the upscaler's noise level); both are the same in the two CFG branches. `guide` (a U-Net of the same
         model, e.g. an earlier checkpoint's) with guide_scale > 0 adds autoguidance (ldm.diffusion.guidance)."""
-        from ldm.diffusion.guidance import autoguided_fn, cfg_model_fn, check_guide
+        from ldm.diffusion.guidance import cfg_model_fn, check_guide
 
         check_guide(guide, guide_scale)
         net = with_concat(self.ema_unet if use_ema and self.ema_unet is not None else self.unet, self.concat_channels)
@@ -328,12 +328,9 @@ class LatentDiffusion(pl.LightningModule):
         extra = dict(cond)  # the same in both CFG branches
         if self.text_encoder is not None:
             cond["context"], cond["context_mask"] = self.encode_text(prompts) if context is None else context
-        if self.text_encoder is None or guidance == 1.0:  # no CFG: one pass (two with a guide)
-            model_fn: Callable = lambda x, t: net(x, t, **cond)
-            if guide_net is not None:
-                model_fn = autoguided_fn(model_fn, lambda x, t: guide_net(x, t, **cond), guide_scale,
-                                         self.learned_variance)
-        else:
+        scale = guidance if self.text_encoder is not None else 1.0
+        uncond = cond  # scale 1: no CFG, cfg_model_fn runs the conditional pass only (two with a guide)
+        if scale != 1.0:
             neg = negative_prompt if negative_prompt is not None else ""
             negs = [neg] * len(prompts) if isinstance(neg, str) else list(neg)
             if len(negs) != len(prompts):
@@ -342,9 +339,9 @@ class LatentDiffusion(pl.LightningModule):
             length = max(cond["context"].shape[1], nctx.shape[1])
             cond["context"], cond["context_mask"] = pad_context(cond["context"], cond["context_mask"], length)
             nctx, nmask = pad_context(nctx, nmask, length)
-            model_fn = cfg_model_fn(net, cond, {**extra, "context": nctx, "context_mask": nmask}, guidance,
-                                    guidance_rescale, learned_variance=self.learned_variance, guide_fn=guide_net,
-                                    guide_scale=guide_scale)
+            uncond = {**extra, "context": nctx, "context_mask": nmask}
+        model_fn = cfg_model_fn(net, cond, uncond, scale, guidance_rescale, learned_variance=self.learned_variance,
+                                guide_fn=guide_net, guide_scale=guide_scale)
         return Denoiser(model_fn, self.schedule, hp.prediction_type, hp.variance_type, clip_x0=self.clip_x0)
 
     @property
